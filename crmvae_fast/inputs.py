@@ -1,0 +1,124 @@
+"""Reading and checking model inputs before any kernel runs.
+
+Accepted: anything with ``.data`` (dict name -> tensor) and optional ``.masks`` (dict name -> (B,) bool or
+float), such as MultiVae's ``MultimodalBaseDataset``, ``IncompleteDataset``, their batches and items, or a
+plain ``{"data": ..., "masks": ...}`` dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def _get(inputs, key):
+    if isinstance(inputs, Mapping):
+        return inputs.get(key)
+    return getattr(inputs, key, None)
+
+
+def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_empty=True):
+    """Return ``(data, masks)``: dicts over ``modalities`` (in that order) of batched tensors, ``masks`` of
+    (B,) bool tensors on the data's device, or None when the inputs carry no masks.
+
+    Masked entries of ``data`` are replaced by zeros (a select, so NaN and inf placeholders vanish): nothing of
+    a missing modality can reach a loss, a metric or a gradient. Raises ``ValueError`` on unknown or missing
+    modality names, differing batch sizes, masks of the wrong shape or dtype, tensors on different devices,
+    and samples with no observed modality when the masks are on the CPU.
+    """
+    data = _get(inputs, "data")
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            "expected inputs with a 'data' dict (name -> tensor), e.g. a MultiVae dataset or "
+            f"{{'data': {{...}}, 'masks': {{...}}}}; got {type(inputs).__name__}"
+        )
+    masks = _get(inputs, "masks")
+    known = list(modalities)
+    unknown = [m for m in data if m not in known]
+    if unknown:
+        raise ValueError(f"unknown modality name(s) {unknown} in inputs.data; the model has {known}")
+    if require_all:
+        missing = [m for m in known if m not in data]
+        if missing:
+            raise ValueError(f"inputs.data lacks modality(ies) {missing}; the model needs all of {known}")
+    names = [m for m in known if m in data]
+    for m in names:
+        if not isinstance(data[m], Tensor):
+            raise ValueError(f"inputs.data[{m!r}] must be a torch.Tensor, got {type(data[m]).__name__}")
+
+    # An unbatched item (one sample from dataset[i]) has 0-d masks or data shaped exactly like input_dims.
+    unbatched = False
+    if masks is not None and all(isinstance(masks.get(m), Tensor) and masks[m].dim() == 0 for m in names):
+        unbatched = True
+    elif masks is None and input_dims is not None and all(
+        tuple(data[m].shape) == tuple(input_dims[m]) for m in names
+    ):
+        unbatched = True
+    if unbatched:
+        data = {m: data[m].unsqueeze(0) for m in names}
+        if masks is not None:
+            masks = {m: masks[m].reshape(1) for m in names}
+    else:
+        data = {m: data[m] for m in names}
+
+    sizes = {m: data[m].shape[0] if data[m].dim() else None for m in names}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"every modality must have the same batch size (first dim); got {sizes}")
+    B = next(iter(sizes.values()))
+    devices = {m: data[m].device for m in names}
+    if len(set(devices.values())) != 1:
+        raise ValueError(f"all modalities must be on one device; got {({m: str(d) for m, d in devices.items()})}")
+    device = next(iter(devices.values()))
+
+    if masks is None:
+        return data, None
+    if not isinstance(masks, Mapping):
+        raise ValueError(f"inputs.masks must be a dict name -> (B,) tensor, got {type(masks).__name__}")
+    out_masks = {}
+    for m in names:
+        if m not in masks:
+            raise ValueError(f"inputs.masks lacks modality {m!r}; it has {list(masks)}")
+        w = masks[m]
+        if not isinstance(w, Tensor):
+            w = torch.as_tensor(w)
+        if w.shape != (B,):
+            raise ValueError(f"inputs.masks[{m!r}] must have shape ({B},) (the batch size), got {tuple(w.shape)}")
+        if w.dtype.is_complex:
+            raise ValueError(f"inputs.masks[{m!r}] must be bool, float or integer, got {w.dtype}")
+        if w.device != device and w.device.type != "cpu":
+            raise ValueError(f"inputs.masks[{m!r}] is on {w.device} but the data is on {device}")
+        out_masks[m] = w if w.dtype == torch.bool else w != 0
+
+    if check_empty and all(w.device.type == "cpu" for w in out_masks.values()) and not _compiling():
+        seen = torch.stack(list(out_masks.values())).any(0)
+        if not bool(seen.all()):
+            empty = torch.nonzero(~seen).flatten().tolist()
+            raise ValueError(
+                f"sample(s) {empty[:20]}{'...' if len(empty) > 20 else ''} have no observed modality: "
+                "their joint posterior is undefined. Drop them or observe at least one modality."
+            )
+    out_masks = {m: w.to(device, non_blocking=True) for m, w in out_masks.items()}
+    data = {m: torch.where(_bcast(out_masks[m], data[m]), data[m], torch.zeros((), dtype=data[m].dtype, device=device))
+            for m in names}
+    return data, out_masks
+
+
+def _bcast(w: Tensor, x: Tensor) -> Tensor:
+    return w.reshape(w.shape[0], *([1] * (x.dim() - 1)))
+
+
+def _compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - torch < 2.3
+        return False
+
+
+def stack_masks(masks: Optional[dict], names) -> Optional[Tensor]:
+    """(M, B) bool from a dict of (B,) masks, or None."""
+    if masks is None:
+        return None
+    return torch.stack([masks[m] for m in names])

@@ -1,0 +1,397 @@
+"""``CRMVAE``: MultiVae 1.0.3's CRMVAE, number for number, with fused kernels for the latent math.
+
+``fast_kernels=False`` runs the eager reference (:mod:`crmvae_fast.reference`) and draws its noise in the
+same order and with the same calls as MultiVae, so a seeded run reproduces MultiVae's numbers. With
+``fast_kernels=True`` the latent step runs as fused Triton kernels on CUDA tensors (and on CPU tensors through
+the Triton interpreter when ``TRITON_INTERPRET=1``), and ``compute_joint_nll`` is batched over data points and
+samples, with the C++/CUDA extension for the importance weights.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import math
+import os
+import pickle
+import sys
+from copy import deepcopy
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .config import CRMVAEConfig
+from .inputs import read_inputs, stack_masks
+from .likelihoods import make_log_prob, summed_log_prob
+from .nn import ModelOutput, default_decoders, default_encoders, output_field
+
+#: Most latent rows (data points x samples) that ``compute_joint_nll`` decodes at once.
+NLL_MAX_ROWS = 1 << 16
+
+
+class CRMVAE(nn.Module):
+    """The CRMVAE model (Suzuki & Matsuo), a drop-in for ``multivae.models.CRMVAE``.
+
+    Args:
+        model_config: a :class:`CRMVAEConfig` (or MultiVae's ``CRMVAEConfig``).
+        encoders: modality name -> ``nn.Module`` returning ``embedding`` and ``log_covariance`` (by key or
+            attribute). Default: MultiVae's MLP encoders built from ``input_dims``.
+        decoders: modality name -> ``nn.Module`` returning ``reconstruction``. Default: MultiVae's MLP decoders.
+        fast_kernels: use the fused kernels (True) or the eager reference (False).
+    """
+
+    def __init__(self, model_config, encoders: Optional[dict] = None, decoders: Optional[dict] = None,
+                 fast_kernels: bool = True):
+        super().__init__()
+        model_config = CRMVAEConfig.from_any(model_config)
+        self.model_name = "CRMVAE"
+        self.model_config = model_config
+        self.fast_kernels = fast_kernels
+        self.n_modalities = model_config.n_modalities
+        self.input_dims = model_config.input_dims
+        self.latent_dim = model_config.latent_dim
+        self.multiple_latent_spaces = False
+        self.use_likelihood_rescaling = model_config.uses_likelihood_rescaling
+        if self.input_dims is not None and len(self.input_dims) != self.n_modalities:
+            raise ValueError(
+                f"input_dims names {len(self.input_dims)} modalities but n_modalities is {self.n_modalities}"
+            )
+        if encoders is None:
+            if self.input_dims is None:
+                raise ValueError("give encoders, or input_dims in the model_config to build the default ones")
+            encoders = default_encoders(self.input_dims, self.latent_dim)
+        elif "encoders" not in model_config.custom_architectures:
+            model_config.custom_architectures.append("encoders")
+        if decoders is None:
+            if self.input_dims is None:
+                raise ValueError("give decoders, or input_dims in the model_config to build the default ones")
+            decoders = default_decoders(self.input_dims, self.latent_dim)
+        elif "decoders" not in model_config.custom_architectures:
+            model_config.custom_architectures.append("decoders")
+        if len(encoders) != self.n_modalities or len(decoders) != self.n_modalities:
+            raise ValueError(
+                f"expected {self.n_modalities} encoders and decoders (n_modalities), "
+                f"got {len(encoders)} encoders and {len(decoders)} decoders"
+            )
+        if set(encoders) != set(decoders):
+            raise ValueError(f"encoder names {list(encoders)} and decoder names {list(decoders)} differ")
+        if self.input_dims is not None and set(self.input_dims) != set(encoders):
+            raise ValueError(f"input_dims names {list(self.input_dims)} differ from encoder names {list(encoders)}")
+        for kind, modules in (("encoder", encoders), ("decoder", decoders)):
+            for m, module in modules.items():
+                if not isinstance(module, nn.Module):
+                    raise ValueError(f"the {kind} of modality {m!r} must be an nn.Module, got {type(module).__name__}")
+        self.decoders = nn.ModuleDict({m: decoders[m] for m in decoders})
+        self.encoders = nn.ModuleDict({m: encoders[m] for m in decoders})
+        self.modalities_name = list(self.decoders.keys())
+        self.rescale_factors = self._rescale_factors()
+        if model_config.decoders_dist is None:
+            model_config.decoders_dist = {m: "normal" for m in self.encoders}
+        if model_config.decoder_dist_params is None:
+            model_config.decoder_dist_params = {}
+        self.recon_log_probs = {
+            m: make_log_prob(d, model_config.decoder_dist_params.get(m, {}))
+            for m, d in model_config.decoders_dist.items()
+        }
+        missing = [m for m in self.modalities_name if m not in self.recon_log_probs]
+        if missing:
+            raise ValueError(f"decoders_dist lacks modality(ies) {missing}")
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _rescale_factors(self) -> dict:
+        cfg = self.model_config
+        if not self.use_likelihood_rescaling:
+            return {m: 1 for m in self.encoders}
+        if cfg.rescale_factors is not None:
+            return cfg.rescale_factors
+        if self.input_dims is None:
+            raise ValueError(
+                "uses_likelihood_rescaling=True needs rescale_factors or input_dims in the model_config"
+            )
+        sizes = {m: math.prod(d) for m, d in self.input_dims.items()}
+        max_dim = max(sizes.values())
+        return {m: max_dim / s for m, s in sizes.items()}
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # --------------------------------------------------------------------------------------------- latents
+    def _encode_experts(self, data: dict, names) -> tuple[Tensor, Tensor]:
+        """(M, B, D) means and log-variances of the experts of ``names``."""
+        outs = [self.encoders[m](data[m]) for m in names]
+        mu = torch.stack([output_field(o, "embedding") for o in outs])
+        lv = torch.stack([output_field(o, "log_covariance") for o in outs])
+        return mu, lv
+
+    def _latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor]) -> reference.LatentStep:
+        if self.fast_kernels:
+            from . import ops
+
+            return ops.latent_step(mu, lv, mask)
+        # MultiVae's draws, in its order: the joint sample first, then one per modality.
+        mu_J, lv_J = reference.poe(mu, lv, mask)
+        eps_J = torch.empty_like(mu_J).normal_()
+        eps = torch.stack([torch.empty_like(mu[i]).normal_() for i in range(mu.shape[0])])
+        return reference.latent_step(mu, lv, mask, eps_J, eps)
+
+    # --------------------------------------------------------------------------------------------- forward
+    def forward(self, inputs, **kwargs) -> ModelOutput:
+        """The CRMVAE loss (summed over the batch) and MultiVae's metrics.
+
+        Extra keyword arguments (``epoch``, ``dataset_size``, ... passed by MultiVae's trainer) are ignored.
+        """
+        names = self.modalities_name
+        data, masks = read_inputs(inputs, names, self.input_dims)
+        mask = stack_masks(masks, names)
+        mu, lv = self._encode_experts(data, names)
+        lat = self._latent_step(mu, lv, mask)
+        M = self.n_modalities
+
+        metrics = {"joint_divergence": lat.kl_prior.mean()}
+        kl_experts = lat.kl_experts
+        for i, m in enumerate(names):
+            metrics[f"kl_{m}"] = kl_experts[i].mean()
+        divergence = lat.kl_prior + kl_experts.sum(0)
+
+        loss_rec = 0
+        for i, m in enumerate(names):
+            for source, z in (("joint", lat.z_J), (m, lat.z[i])):
+                recon = output_field(self.decoders[m](z), "reconstruction")
+                r = -summed_log_prob(self.recon_log_probs[m], recon, data[m]) * self.rescale_factors[m]
+                if masks is not None:
+                    r = torch.where(masks[m], r, torch.zeros((), dtype=r.dtype, device=r.device))
+                loss_rec = loss_rec + r
+                metrics[f"recon_{m}_from_{source}"] = r.mean()
+
+        total = loss_rec / (2 * (M + 1)) + self.model_config.beta * divergence / (M + 1)
+        loss = total.sum()
+        return ModelOutput(loss=loss, loss_sum=loss, metrics=metrics)
+
+    # ---------------------------------------------------------------------------------- encode / decode
+    def _cond_mod(self, cond_mod) -> list:
+        if isinstance(cond_mod, str):
+            if cond_mod == "all":
+                return list(self.encoders)
+            if cond_mod in self.encoders:
+                return [cond_mod]
+            raise ValueError(f'cond_mod must be "all", a modality name or a list of them; got {cond_mod!r}')
+        cond_mod = list(cond_mod)
+        unknown = [m for m in cond_mod if m not in self.encoders]
+        if unknown or not cond_mod:
+            raise ValueError(f"cond_mod must name modalities of {list(self.encoders)}; got {cond_mod}")
+        return cond_mod
+
+    def encode(self, inputs, cond_mod: Union[list, str] = "all", N: int = 1, return_mean: bool = False,
+               **kwargs) -> ModelOutput:
+        """Sample the joint posterior of the modalities ``cond_mod`` ("all", a name or a list).
+
+        Returns ``z`` of shape (n, D) for N=1, (N, n, D) for N>1, (N*n, D) with ``flatten=True``, and
+        ``one_latent_space=True``. With ``return_mean=True``, ``z`` is the posterior mean (repeated N times).
+        Like MultiVae, incomplete inputs raise unless every sample has all of ``cond_mod`` or
+        ``ignore_incomplete=True``; then missing experts are left out of the product.
+        """
+        cond_mod = self._cond_mod(cond_mod)
+        flatten = kwargs.pop("flatten", False)
+        ignore_incomplete = kwargs.pop("ignore_incomplete", False)
+        if N < 1:
+            raise ValueError(f"N must be >= 1, got {N}")
+        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, require_all=False,
+                                  check_empty=False)
+        missing = [m for m in cond_mod if m not in data]
+        if missing:
+            raise ValueError(f"cond_mod names {missing}, which inputs.data lacks")
+        mask = None
+        if masks is not None:
+            mask = stack_masks(masks, cond_mod)
+            if not ignore_incomplete and not bool(mask.all()):
+                raise ValueError(
+                    f"some samples miss one of the modalities {cond_mod} they are encoded from; "
+                    "pass ignore_incomplete=True to leave missing experts out of the product"
+                )
+        mu, lv = self._encode_experts(data, cond_mod)
+        mu_J, lv_J = reference.poe(mu, lv, mask)
+        if return_mean:
+            z = torch.stack([mu_J] * N) if N > 1 else mu_J
+        else:
+            shape = (N, *mu_J.shape) if N > 1 else mu_J.shape
+            z = mu_J + torch.empty(shape, dtype=mu_J.dtype, device=mu_J.device).normal_() * torch.exp(0.5 * lv_J)
+        if N > 1 and flatten:
+            z = z.reshape(-1, *z.shape[2:])
+        return ModelOutput(z=z, one_latent_space=True)
+
+    def decode(self, embedding, modalities: Union[list, str] = "all") -> ModelOutput:
+        """Decode ``embedding.z`` in ``modalities`` ("all", a name or a list). Puts the model in eval mode,
+        like MultiVae."""
+        self.eval()
+        if modalities == "all":
+            modalities = list(self.decoders)
+        elif isinstance(modalities, str):
+            modalities = [modalities]
+        unknown = [m for m in modalities if m not in self.decoders]
+        if unknown:
+            raise ValueError(f"cannot decode unknown modality(ies) {unknown}; the model has {list(self.decoders)}")
+        z = output_field(embedding, "z")
+        with torch.no_grad():
+            return ModelOutput({m: output_field(self.decoders[m](z), "reconstruction") for m in modalities})
+
+    def predict(self, inputs, cond_mod: Union[list, str] = "all", gen_mod: Union[list, str] = "all",
+                N: int = 1, flatten: bool = False, **kwargs) -> ModelOutput:
+        """Generate ``gen_mod`` conditioned on ``cond_mod``: (n, ...) per modality, (N, n, ...) for N>1, or
+        (N*n, ...) with ``flatten=True``."""
+        self.eval()
+        z = self.encode(inputs, cond_mod, N=N, flatten=True, **kwargs)
+        output = self.decode(z, gen_mod)
+        n_data = len(z.z) // N
+        if not flatten and N > 1:
+            for m in list(output):
+                output[m] = output[m].reshape(N, n_data, *output[m].shape[1:])
+        return output
+
+    def generate_from_prior(self, n_samples: int, **kwargs) -> ModelOutput:
+        """``z ~ N(0, I)``: (n_samples, D), or (D,) for one sample (MultiVae's shapes)."""
+        shape = [n_samples, self.latent_dim] if n_samples > 1 else [self.latent_dim]
+        return ModelOutput(z=torch.empty(shape).normal_().to(self.device), one_latent_space=True)
+
+    # ------------------------------------------------------------------------------------------- joint NLL
+    @torch.no_grad()
+    def compute_joint_nll(self, inputs, K: int = 1000, batch_size_K: int = 100) -> Tensor:
+        """Importance-sampled ``-sum_i log p(X_i)`` with K samples of the joint posterior per point (0-d).
+
+        Incomplete data is supported: the joint is the product of the observed experts and only observed
+        modalities enter ``log p(x | z)``. ``batch_size_K`` bounds the samples decoded at once per data point;
+        the answer does not depend on it.
+        """
+        if not isinstance(K, int) or K < 1:
+            raise ValueError(f"K must be an int >= 1, got {K!r}")
+        if not isinstance(batch_size_K, int) or batch_size_K < 1:
+            raise ValueError(f"batch_size_K must be an int >= 1, got {batch_size_K!r}")
+        self.eval()
+        names = self.modalities_name
+        data, masks = read_inputs(inputs, names, self.input_dims)
+        mu, lv = self._encode_experts(data, names)
+        mu_J, lv_J = reference.poe(mu, lv, stack_masks(masks, names))
+        if self.fast_kernels:
+            return -self._joint_ll_batched(data, masks, mu_J, lv_J, K, batch_size_K).sum()
+        return -self._joint_ll_per_point(data, masks, mu_J, lv_J, K, batch_size_K).sum()
+
+    def _log_px(self, z: Tensor, data: dict, masks: Optional[dict], idx: slice) -> Tensor:
+        """``sum_m log p(x_m[idx] | z)`` for z of shape (n, k, D): (n, k), observed modalities only."""
+        total = 0
+        for m in self.modalities_name:
+            recon = output_field(self.decoders[m](z), "reconstruction")
+            x = data[m][idx].unsqueeze(1)
+            lp = summed_log_prob(self.recon_log_probs[m], recon, x, n_batch_dims=2)
+            if masks is not None:
+                lp = torch.where(masks[m][idx, None], lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+            total = total + lp
+        return total
+
+    def _joint_ll_per_point(self, data, masks, mu_J, lv_J, K, batch_size_K) -> Tensor:
+        """MultiVae's algorithm: one point at a time, ``batch_size_K`` samples decoded at once."""
+        n, D = mu_J.shape
+        z_all = (mu_J + torch.empty((K, n, D), dtype=mu_J.dtype, device=mu_J.device).normal_()
+                 * torch.exp(0.5 * lv_J)).permute(1, 0, 2)
+        lls = []
+        for i in range(n):
+            chunks = []
+            for k0 in range(0, K, batch_size_K):
+                z = z_all[i, k0:k0 + batch_size_K].unsqueeze(0)
+                log_px = self._log_px(z, data, masks, slice(i, i + 1))
+                log_w = reference.importance_log_weights(log_px, z, mu_J[i:i + 1], lv_J[i:i + 1])
+                chunks.append(torch.logsumexp(log_w[0], dim=0))
+            lls.append(torch.logsumexp(torch.stack(chunks), dim=0) - math.log(K))
+        return torch.stack(lls)
+
+    def _joint_ll_batched(self, data, masks, mu_J, lv_J, K, batch_size_K,
+                          noise: Optional[Callable] = None, max_rows: int = NLL_MAX_ROWS) -> Tensor:
+        """Blocks of points x chunks of samples, at most ``max_rows`` latents decoded at once, the importance
+        weights folded into a running log-sum-exp. ``noise(k0, k1, i0, i1)`` returns the (k1-k0, i1-i0, D)
+        standard normal draws of samples k0:k1 of points i0:i1 (default: fresh draws)."""
+        from . import ops
+
+        n, D = mu_J.shape
+        kc = min(batch_size_K, K)
+        nb = max(1, min(n, max_rows // kc))
+        lls = []
+        for i0 in range(0, n, nb):
+            i1 = min(n, i0 + nb)
+            mu_b, std_b = mu_J[i0:i1], torch.exp(0.5 * lv_J[i0:i1])
+            state = ops.iw_lse_init(i1 - i0, device=mu_J.device, dtype=reference.compute_dtype(mu_J.dtype))
+            for k0 in range(0, K, kc):
+                k1 = min(K, k0 + kc)
+                if noise is None:
+                    eps = torch.empty((i1 - i0, k1 - k0, D), dtype=mu_J.dtype, device=mu_J.device).normal_()
+                else:
+                    eps = noise(k0, k1, i0, i1).transpose(0, 1)
+                z = (mu_b.unsqueeze(1) + eps * std_b.unsqueeze(1)).contiguous()
+                log_px = self._log_px(z, data, masks, slice(i0, i1))
+                state = ops.iw_lse_update(log_px, z, mu_b, lv_J[i0:i1], *state)
+            lls.append(ops.iw_lse_finalize(*state, K))
+        return torch.cat(lls)
+
+    # ------------------------------------------------------------------------------------------ save / load
+    def save(self, dir_path: str) -> None:
+        """Save in MultiVae's folder format: ``model_config.json``, ``environment.json``, ``model.pt`` and
+        ``encoders.pkl`` / ``decoders.pkl`` for custom architectures. MultiVae's ``load_from_folder`` reads it."""
+        os.makedirs(dir_path, exist_ok=True)
+        with open(os.path.join(dir_path, "environment.json"), "w", encoding="utf-8") as fp:
+            json.dump({"name": "EnvironmentConfig",
+                       "python_version": f"{sys.version_info[0]}.{sys.version_info[1]}"}, fp)
+        self.model_config.save_json(dir_path, "model_config")
+        torch.save({"model_state_dict": deepcopy(self.state_dict())}, os.path.join(dir_path, "model.pt"))
+        for archi in self.model_config.custom_architectures:
+            _pickle_module(getattr(self, archi), os.path.join(dir_path, f"{archi}.pkl"))
+
+    @classmethod
+    def load_from_folder(cls, dir_path: str, fast_kernels: bool = True) -> "CRMVAE":
+        """Load a folder written by :meth:`save` or by MultiVae's ``CRMVAE.save``."""
+        files = os.listdir(dir_path)
+        for f in ("model_config.json", "model.pt"):
+            if f not in files:
+                raise FileNotFoundError(f"{dir_path} lacks {f}: not a saved CRMVAE folder")
+        config = CRMVAEConfig.from_json_file(os.path.join(dir_path, "model_config.json"))
+        weights = torch.load(os.path.join(dir_path, "model.pt"), map_location="cpu", weights_only=False)
+        if "model_state_dict" not in weights:
+            raise KeyError(f"model.pt holds no 'model_state_dict'; its keys are {list(weights)}")
+        archis = {}
+        for archi in config.custom_architectures:
+            path = os.path.join(dir_path, f"{archi}.pkl")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{dir_path} lacks {archi}.pkl, needed to rebuild the custom {archi}")
+            with open(path, "rb") as fp:
+                archis[archi] = _CPUUnpickler(fp).load()
+        model = cls(config, fast_kernels=fast_kernels, **archis)
+        model.load_state_dict(weights["model_state_dict"])
+        return model
+
+
+def _pickle_module(module: nn.Module, path: str) -> None:
+    try:
+        import cloudpickle
+    except ImportError:  # plain pickle works for modules whose classes are importable
+        with open(path, "wb") as fp:
+            pickle.dump(module, fp)
+        return
+    mod = inspect.getmodule(module)
+    try:
+        if mod is not None:
+            cloudpickle.register_pickle_by_value(mod)
+    except ValueError:
+        pass
+    with open(path, "wb") as fp:
+        cloudpickle.dump(module, fp)
+
+
+class _CPUUnpickler(pickle.Unpickler):
+    """Loads pickled modules on the CPU, whatever device their tensors were saved from (as pythae does)."""
+
+    def find_class(self, module, name):
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return lambda b: torch.load(io.BytesIO(b), map_location="cpu", weights_only=False)
+        return super().find_class(module, name)
+
