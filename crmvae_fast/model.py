@@ -281,9 +281,11 @@ class CRMVAE(nn.Module):
 
     def _log_px(self, z: Tensor, data: dict, masks: Optional[dict], idx: slice) -> Tensor:
         """``sum_m log p(x_m[idx] | z)`` for z of shape (n, k, D): (n, k), observed modalities only."""
+        n, k, D = z.shape
         total = 0
         for m in self.modalities_name:
-            recon = output_field(self.decoders[m](z), "reconstruction")
+            recon = output_field(self.decoders[m](z.reshape(n * k, D)), "reconstruction")
+            recon = recon.reshape(n, k, *recon.shape[1:])
             x = data[m][idx].unsqueeze(1)
             lp = summed_log_prob(self.recon_log_probs[m], recon, x, n_batch_dims=2)
             if masks is not None:
