@@ -1,0 +1,61 @@
+"""Builds the C++/CUDA extension ``crmvae_fast._C`` (sources in ``csrc/``); the metadata, packages and the
+``crmvae-fast`` console script are declared in pyproject.toml.
+
+    pip install -e . --no-build-isolation        # or: python setup.py build_ext --inplace
+
+``CUDAExtension`` when CUDA is usable (``torch.cuda.is_available()``, or ``FORCE_CUDA=1`` to build the CUDA
+kernel on a machine without a GPU), ``CppExtension`` otherwise. ``TORCH_CUDA_ARCH_LIST`` picks the GPU
+architectures (default without a visible GPU: "8.0;9.0", A100 and H100). ``--no-build-isolation`` makes the
+build use the torch already installed, the one the extension must match. torch finds the CUDA toolkit through
+``CUDA_HOME`` (else from the nvcc on PATH): where nvcc is a wrapper script outside the toolkit, set
+``CUDA_HOME=/usr/local/cuda`` so that libcudart is found at link time.
+"""
+
+import os
+from pathlib import Path
+
+from packaging.version import Version
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+MIN_TORCH = Version("2.5")
+if Version(torch.__version__).release < MIN_TORCH.release:
+    raise RuntimeError(f"crmvae_fast needs torch>={MIN_TORCH}, found {torch.__version__}")
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _openmp() -> bool:
+    """True when torch's own parallel backend is OpenMP: at::parallel_for then needs -fopenmp."""
+    return "OpenMP" in torch.__config__.parallel_info().split("ATen parallel backend:")[-1]
+
+
+def _extension():
+    force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
+    with_cuda = (torch.cuda.is_available() or force_cuda) and CUDA_HOME is not None and torch.version.cuda is not None
+    cxx = ["-O3", "-fopenmp-simd"] + (["-fopenmp"] if _openmp() else [])
+    sources = [str(p.relative_to(ROOT)) for p in (CSRC / "ops.cpp", CSRC / "iw_logsumexp_cpu.cpp")]
+    common = dict(
+        name="crmvae_fast._C",
+        include_dirs=[str(CSRC)],
+        extra_link_args=["-fopenmp"] if _openmp() else [],
+    )
+    if with_cuda:
+        if not torch.cuda.is_available():  # no GPU to read the architecture from
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources.append(str((CSRC / "iw_logsumexp_cuda.cu").relative_to(ROOT)))
+        return CUDAExtension(
+            sources=sources,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            **common,
+        )
+    return CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **common)
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
