@@ -28,8 +28,10 @@ from .inputs import read_inputs, stack_masks
 from .likelihoods import make_log_prob, summed_log_prob
 from .nn import ModelOutput, default_decoders, default_encoders, output_field
 
-#: Most latent rows (data points x samples) that ``compute_joint_nll`` decodes at once.
+#: Most latent rows (data points x samples) that ``compute_joint_nll`` decodes at once on a GPU, and on a CPU
+#: (smaller, so a block's activations stay in cache).
 NLL_MAX_ROWS = 1 << 16
+NLL_MAX_ROWS_CPU = 1 << 11
 
 
 class CRMVAE(nn.Module):
@@ -310,13 +312,15 @@ class CRMVAE(nn.Module):
         return torch.stack(lls)
 
     def _joint_ll_batched(self, data, masks, mu_J, lv_J, K, batch_size_K,
-                          noise: Optional[Callable] = None, max_rows: int = NLL_MAX_ROWS) -> Tensor:
+                          noise: Optional[Callable] = None, max_rows: Optional[int] = None) -> Tensor:
         """Blocks of points x chunks of samples, at most ``max_rows`` latents decoded at once, the importance
         weights folded into a running log-sum-exp. ``noise(k0, k1, i0, i1)`` returns the (k1-k0, i1-i0, D)
         standard normal draws of samples k0:k1 of points i0:i1 (default: fresh draws)."""
         from . import ops
 
         n, D = mu_J.shape
+        if max_rows is None:
+            max_rows = NLL_MAX_ROWS if mu_J.is_cuda else NLL_MAX_ROWS_CPU
         kc = min(batch_size_K, K)
         nb = max(1, min(n, max_rows // kc))
         lls = []
