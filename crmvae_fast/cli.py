@@ -1,0 +1,238 @@
+"""The ``crmvae-fast`` command (also ``python -m crmvae_fast``).
+
+* ``crmvae-fast info``: which fast paths are live here (:func:`crmvae_fast.backend_info`), as a table.
+* ``crmvae-fast bench [--quick] [--json PATH] [--plot PATH]``: the benchmark suite (:mod:`crmvae_fast.bench`)
+  on whatever device is present: a table of times and speed-ups, JSON rows appended to one file, a PNG plot.
+* ``crmvae-fast train [--epochs N] [--fast-kernels/--no-fast-kernels] [--out DIR] ...``: trains CRMVAE (default
+  MLP architectures) with Adam on the embedded synthetic dataset (:mod:`crmvae_fast.synthetic`), reports the
+  per-epoch loss and samples per second, the held-out joint NLL, and saves the model in MultiVae's folder format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import List, Optional
+
+
+# ------------------------------------------------------------------------------------------------------ info
+def _flatten(d: dict, prefix: str = "") -> list:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            if not v:
+                out.append((key, "-"))
+            out += _flatten(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def cmd_info(args) -> int:
+    from . import backend_info
+
+    info = backend_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    rows = _flatten(info)
+    width = max(len(k) for k, _ in rows)
+    print("crmvae_fast backends")
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {'None' if v is None else v}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+
+    device = torch.device(args.device) if args.device else bench.default_device()
+    ops = args.ops.split(",") if args.ops else list(bench.OPS)
+    providers = args.providers.split(",") if args.providers else list(bench.PROVIDERS)
+    for p in providers:
+        if p not in bench.PROVIDERS:
+            print(f"error: unknown provider {p!r}; expected some of {','.join(bench.PROVIDERS)}", file=sys.stderr)
+            return 2
+    for o in ops:
+        if o not in bench.OPS:
+            print(f"error: unknown op {o!r}; expected some of {','.join(bench.OPS)}", file=sys.stderr)
+            return 2
+    kind = "smoke (tiny sizes, numbers mean nothing)" if args.smoke else ("quick" if args.quick else "full")
+    print(f"crmvae-fast bench: {kind} suite on {bench.device_name(device)}")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and device.type == "cpu":
+        print("note: TRITON_INTERPRET=1, the fused provider runs the Triton interpreter: its times mean nothing")
+    t0 = time.perf_counter()
+    log = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
+    path = args.json or bench.default_results_path()
+    partial = path + ".partial"  # rows saved as they come: a run killed half-way leaves them here
+    if os.path.exists(partial):
+        os.remove(partial)
+    rows = bench.run_suite(device, quick=args.quick, smoke=args.smoke, ops=ops, providers=providers,
+                           dtype=args.dtype, budget_s=args.budget_s, log=log,
+                           on_row=lambda r: bench.append_rows([r], partial))
+    elapsed = time.perf_counter() - t0
+    print()
+    print(bench.format_table(rows))
+    bench.append_rows(rows, path)
+    if os.path.exists(partial):
+        os.remove(partial)
+    print(f"\n{len(rows)} rows appended to {path} ({elapsed:.1f} s)")
+    if not args.no_plot:
+        plot_path = args.plot or os.path.join(os.path.dirname(os.path.abspath(path)), "speedup.png")
+        why = bench.plot(rows, plot_path)
+        print(f"plot: {why}" if why else f"plot written to {plot_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- train
+class _Progress:
+    """tqdm when it is installed, else a line every ~10 % of the epoch. ``update(loss)`` takes a callable
+    giving the batch's loss per sample; it is read (a device sync) only every ~10 % of the epoch."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+            except Exception:
+                self.bar = None
+        self.every = max(1, total // 10)
+
+    def update(self, loss) -> None:
+        self.n += 1
+        if not self.enabled:
+            return
+        show = self.n % self.every == 0 or self.n == self.total
+        if self.bar is not None:
+            if show:
+                self.bar.set_postfix(loss=f"{loss():.4g}", refresh=False)
+            self.bar.update(1)
+        elif show:
+            print(f"  {self.desc}: {self.n}/{self.total} batches, loss/sample {loss():.4g}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from . import CRMVAE, CRMVAEConfig, synthetic
+
+    if args.epochs < 0 or args.n_train < 1 or args.n_test < 1 or args.batch_size < 1:
+        print("error: --epochs must be >= 0 and --n-train, --n-test, --batch-size >= 1", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    train = synthetic.make_dataset(args.n_train, seed=args.seed, missing_rate=args.missing_rate)
+    test = synthetic.make_dataset(args.n_test, seed=args.seed + 1, missing_rate=0.0)
+    config = CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=args.latent_dim), beta=args.beta)
+    model = CRMVAE(config, fast_kernels=args.fast_kernels).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    n_batches = -(-args.n_train // args.batch_size)
+    print(f"crmvae-fast train: {args.n_train} train / {args.n_test} test samples of modalities "
+          f"{ {m: s for m, s in synthetic.INPUT_DIMS.items()} } ({100 * args.missing_rate:.0f}% of modalities "
+          f"missing), latent {args.latent_dim}, fast_kernels={args.fast_kernels}, device {device}")
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        bar = _Progress(n_batches, f"epoch {epoch}/{args.epochs}", enabled=not args.quiet)
+        total, seen = 0.0, 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for batch in synthetic.batches(train, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch):
+            batch = synthetic.to_device(batch, device)
+            opt.zero_grad(set_to_none=True)
+            out = model(batch)
+            out["loss"].backward()
+            opt.step()
+            b = len(batch["labels"])
+            total = total + out["loss"].detach()  # summed on the device: no sync per batch
+            seen += b
+            bar.update(lambda: float(out["loss"].detach()) / b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        bar.close()
+        print(f"epoch {epoch}/{args.epochs}: loss/sample {float(total) / seen:.4f}, {seen / dt:.0f} samples/s "
+              f"({dt:.2f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    test_inputs = {"data": {m: x.to(device) for m, x in test["data"].items()}}
+    nll = float(model.compute_joint_nll(test_inputs, K=args.nll_k, batch_size_K=min(100, args.nll_k)))
+    print(f"held-out joint NLL (K={args.nll_k}): {nll / args.n_test:.4f} per sample "
+          f"({nll:.2f} summed over {args.n_test}; {time.perf_counter() - t0:.2f} s)")
+    model.save(args.out)
+    print(f"model saved to {args.out} (MultiVae folder format: CRMVAE.load_from_folder({args.out!r}))")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crmvae-fast", description="CRMVAE with fused kernels: info, bench, train.")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,train}")
+    sub.required = True
+
+    pi = sub.add_parser("info", help="which fast paths (Triton, C++/CUDA extension) are live here")
+    pi.add_argument("--json", action="store_true", help="print the dict as JSON")
+    pi.set_defaults(func=cmd_info)
+
+    pb = sub.add_parser("bench", help="run the benchmark suite on this machine's device")
+    pb.add_argument("--quick", action="store_true", help="small sizes only (under a minute on a 2-core CPU)")
+    pb.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, few repetitions: checks the plumbing, the numbers mean nothing")
+    pb.add_argument("--json", metavar="PATH", default=None,
+                    help="append the rows to this JSON-lines file (default benchmarks/results/results.jsonl)")
+    pb.add_argument("--plot", metavar="PATH", default=None,
+                    help="PNG of speed-up against size (default: speedup.png beside the JSON file)")
+    pb.add_argument("--no-plot", action="store_true", help="write no plot")
+    pb.add_argument("--ops", default=None, help="comma-separated subset of latent_step,joint_nll,train_step")
+    pb.add_argument("--providers", default=None, help="comma-separated subset of eager,fused,compile,multivae")
+    pb.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="dtype of the latent step (the other ops run in float32)")
+    pb.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
+    pb.add_argument("--budget-s", type=float, default=None,
+                    help="record the cases left after this many seconds as skipped")
+    pb.add_argument("--quiet", action="store_true", help="no per-case log lines")
+    pb.set_defaults(func=cmd_bench)
+
+    pt = sub.add_parser("train", help="train CRMVAE on the embedded synthetic dataset")
+    pt.add_argument("--epochs", type=int, default=10)
+    pt.add_argument("--fast-kernels", dest="fast_kernels", action="store_true", default=True,
+                    help="fused kernels (default)")
+    pt.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false", help="the eager reference")
+    pt.add_argument("--out", default="crmvae_run", help="folder the model is saved to (default crmvae_run)")
+    pt.add_argument("--batch-size", type=int, default=128)
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
+    pt.add_argument("--n-train", type=int, default=4096, help="training samples (default 4096)")
+    pt.add_argument("--n-test", type=int, default=512, help="held-out samples for the joint NLL (default 512)")
+    pt.add_argument("--missing-rate", type=float, default=0.2,
+                    help="probability that a modality of a training sample is missing (default 0.2)")
+    pt.add_argument("--latent-dim", type=int, default=8)
+    pt.add_argument("--beta", type=float, default=2.5)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--nll-k", type=int, default=100, help="importance samples for the held-out NLL (default 100)")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.set_defaults(func=cmd_train)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The ``crmvae-fast`` command and the benchmark library's bookkeeping. Nothing here is timed: the bench runs
+use tiny sizes and only their rows' structure is checked."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crmvae_fast import bench, cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_info_prints_the_keys(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for key in ("triton", "interpreter", "extension", "latent_step", "joint_nll"):
+        assert key in out
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"triton", "interpreter", "extension"} <= set(info)
+
+
+def test_python_dash_m_help():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "crmvae_fast", "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for cmd in ("info", "bench", "train"):
+        assert cmd in r.stdout
+
+
+def test_no_command_is_an_error():
+    with pytest.raises(SystemExit):
+        cli.main([])
+
+
+def test_train_saves_a_loadable_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--epochs", "1", "--n-train", "48", "--n-test", "8", "--batch-size", "16",
+            "--nll-k", "10", "--out", str(out), "--quiet", "--device", "cpu"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "epoch 1/1" in text and "samples/s" in text and "joint NLL" in text
+    assert {"model_config.json", "model.pt", "environment.json"} <= set(os.listdir(out))
+    from crmvae_fast import CRMVAE
+
+    model = CRMVAE.load_from_folder(str(out))
+    assert model.model_config.input_dims["image"] == (1, 12, 12)
+    saved = torch.load(out / "model.pt", map_location="cpu", weights_only=False)["model_state_dict"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k])
+
+
+def test_train_folder_loads_in_multivae(tmp_path):
+    pytest.importorskip("multivae", reason="multivae is not installed: cannot check MultiVae reads the folder")
+    from multivae.models import CRMVAE as MVCRMVAE
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--n-train", "16", "--n-test", "4", "--batch-size", "16",
+                     "--nll-k", "4", "--out", str(out), "--quiet", "--no-fast-kernels", "--device", "cpu"]) == 0
+    mv = MVCRMVAE.load_from_folder(str(out))
+    assert set(mv.encoders) == {"image", "vector", "label"}
+
+
+def test_train_rejects_bad_sizes(capsys):
+    assert cli.main(["train", "--n-train", "0"]) == 2
+
+
+def _check_rows(rows, ops):
+    assert rows, "no rows written"
+    for r in rows:
+        assert set(bench.ROW_KEYS) <= set(r), set(bench.ROW_KEYS) - set(r)
+        assert r["op"] in ops
+        assert r["device"] in ("cpu", "cuda")
+        assert r["torch"] == torch.__version__
+        if r["skipped"] is None:
+            assert r["median_ms"] is not None and r["median_ms"] >= 0
+            assert r["q20_ms"] <= r["median_ms"] <= r["q80_ms"]
+        else:
+            assert isinstance(r["skipped"], str) and r["skipped"]
+    assert {r["op"] for r in rows} == set(ops)
+    # One run: one run_id, the same environment fields everywhere.
+    assert len({r["run_id"] for r in rows}) == 1
+
+
+def test_bench_smoke_writes_rows(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    plot = tmp_path / "speedup.png"
+    assert cli.main(["bench", "--smoke", "--json", str(path), "--plot", str(plot),
+                     "--providers", "eager,fused,multivae", "--quiet"]) == 0
+    rows = bench.read_rows(str(path))
+    _check_rows(rows, bench.OPS)
+    assert not os.path.exists(str(path) + ".partial")
+    ran = {(r["op"], r["mode"], r["provider"]) for r in rows if r["skipped"] is None}
+    for mode in ("fwd", "bwd", "full"):
+        assert ("latent_step", mode, "eager") in ran and ("latent_step", mode, "fused") in ran
+    assert ("train_step", "step", "fused") in ran
+    assert ("joint_nll", "eval", "fused") in ran
+    for r in rows:
+        if r["op"] == "latent_step":
+            assert r["bytes"] == bench.latent_step_bytes(r["M"], r["B"], r["D"], r["mode"], 4)
+        if r["provider"] == "eager" and r["skipped"] is None and r["op"] != "joint_nll":
+            assert r["speedup"] == pytest.approx(1.0)
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "rows appended" in out
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not available" in out
+    else:
+        assert plot.exists() and plot.stat().st_size > 0
+
+
+def test_bench_quick_json(tmp_path):
+    # --quick through the CLI, kept cheap under the Triton interpreter: the joint NLL (C++ extension or eager,
+    # no interpreter) with the fused provider, and compile, which says why it does not apply.
+    path = tmp_path / "q.jsonl"
+    assert cli.main(["bench", "--quick", "--json", str(path), "--no-plot", "--ops", "joint_nll",
+                     "--providers", "fused,compile", "--quiet"]) == 0
+    rows = bench.read_rows(str(path))
+    _check_rows(rows, ["joint_nll"])
+    by = {r["provider"]: r for r in rows}
+    assert by["fused"]["skipped"] is None and by["fused"]["params"]["K"] == 1000
+    assert "compile" in by and by["compile"]["skipped"]
+
+
+def test_bench_rejects_unknown_provider(capsys):
+    assert cli.main(["bench", "--smoke", "--providers", "nope"]) == 2
+
+
+def test_compile_provider_row_or_reason(tmp_path):
+    # compile either runs or says why not; never silently missing.
+    path = tmp_path / "c.jsonl"
+    assert cli.main(["bench", "--smoke", "--json", str(path), "--no-plot", "--ops", "latent_step",
+                     "--providers", "eager,compile", "--quiet"]) == 0
+    rows = [r for r in bench.read_rows(str(path)) if r["provider"] == "compile"]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["skipped"] is None or r["skipped"]
+
+
+def test_summarize_quantiles():
+    s = bench.summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert s["median_ms"] == 3.0 and s["reps"] == 5
+    assert s["q20_ms"] == pytest.approx(1.8) and s["q80_ms"] == pytest.approx(4.2)
+    assert bench.summarize([])["median_ms"] is None
+
+
+def test_latent_bytes_formula():
+    M, B, D = 5, 4096, 512
+    fwd = bench.latent_step_bytes(M, B, D, "fwd")
+    bwd = bench.latent_step_bytes(M, B, D, "bwd")
+    assert fwd == 4 * (2 * M * B * D + 3 * B * D + M * B * D) + M * B + 4 * (M + 1) * B
+    assert bwd == 4 * (B * D + 5 * M * B * D) + M * B + 4 * (M + 1) * B
+    assert bench.latent_step_bytes(M, B, D, "full") == fwd + bwd
+    assert bench.latent_step_bytes(M, B, D, "fwd", elem=2) < fwd
+
+
+def test_speedups_and_table():
+    env = {"run_id": "r", "date": "2026-01-01T00:00:00+00:00"}
+    case = bench.Case("latent_step", "fwd", 2, 8, 4)
+    dev = torch.device("cpu")
+    rows = [bench.make_row(env, case, "eager", dev, stats=bench.summarize([2.0])),
+            bench.make_row(env, case, "fused", dev, stats=bench.summarize([0.5])),
+            bench.make_row(env, case, "compile", dev, skipped="no compiler")]
+    bench.attach_speedups(rows)
+    assert rows[1]["speedup"] == pytest.approx(4.0) and rows[1]["baseline"] == "eager"
+    assert rows[2]["speedup"] is None
+    table = bench.format_table(rows)
+    assert "4.00x vs eager" in table and "no compiler" in table
+    assert not math.isnan(rows[0]["gbps"])
+
+
+def test_make_table_without_gpu_rows(tmp_path):
+    path = tmp_path / "r.jsonl"
+    env = bench.environment(torch.device("cpu"))
+    case = bench.Case("latent_step", "fwd", 2, 8, 4)
+    bench.append_rows(bench.attach_speedups([
+        bench.make_row(env, case, "eager", torch.device("cpu"), stats=bench.summarize([2.0])),
+        bench.make_row(env, case, "fused", torch.device("cpu"), stats=bench.summarize([1.0]))]), str(path))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "make_table.py"), str(path)],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 0, r.stderr
+    assert "not been measured on a GPU yet" in r.stdout
