@@ -247,8 +247,10 @@ def _ct(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _common(mu: Tensor, mask: Optional[Tensor], eps: Optional[Tensor], seed: Optional[Tensor]):
-    """Pointer stand-ins for absent optional inputs and the mask as bytes (no copy for a bool mask)."""
+def _common(mu: Tensor, mask: Optional[Tensor], eps_J: Optional[Tensor], eps: Optional[Tensor],
+            seed: Optional[Tensor]):
+    """The mask as bytes (no copy for a bool mask) and its strides, whether to draw the noise, and pointer
+    stand-ins for the absent inputs: ``(w, swm, swb, draw, eps_J, eps, seed)``."""
     if mask is None:
         w, swm, swb = mu, 0, 0
     else:
@@ -257,7 +259,11 @@ def _common(mu: Tensor, mask: Optional[Tensor], eps: Optional[Tensor], seed: Opt
     draw = eps is None
     if draw and seed is None:
         raise ValueError("latent_step: give both eps_J and eps, or a seed tensor to draw them from")
-    return w, swm, swb, draw
+    if draw:
+        eps_J, eps = mu, mu
+    else:
+        eps_J, eps, seed = eps_J.contiguous(), eps.contiguous(), mu
+    return w, swm, swb, draw, eps_J, eps, seed
 
 
 def latent_step_forward(
@@ -277,11 +283,7 @@ def latent_step_forward(
     if mu.numel() == 0:  # nothing to launch; the KL of an empty sum is 0, the joint of D = 0 is empty
         kl0.zero_(), klm.zero_()
         return mu_J, lv_J, z_J, z, kl0, klm
-    w, swm, swb, draw = _common(mu, mask, eps, seed)
-    if draw:
-        eps_J, eps = mu, mu
-    else:
-        eps_J, eps, seed = eps_J.contiguous(), eps.contiguous(), mu
+    w, swm, swb, draw, eps_J, eps, seed = _common(mu, mask, eps_J, eps, seed)
     block_m, block_d, num_warps = _blocks(M, D)
     _latent_step_fwd_kernel[(B,)](
         mu, lv, w, eps_J, eps, seed,
@@ -305,11 +307,7 @@ def latent_step_backward(
     dlv = torch.empty_like(lv)
     if mu.numel() == 0:
         return dmu, dlv
-    w, swm, swb, draw = _common(mu, mask, eps, seed)
-    if draw:
-        eps_J, eps = mu, mu
-    else:
-        eps_J, eps, seed = eps_J.contiguous(), eps.contiguous(), mu
+    w, swm, swb, draw, eps_J, eps, seed = _common(mu, mask, eps_J, eps, seed)
     block_m, block_d, num_warps = _blocks(M, D)
     _latent_step_bwd_kernel[(B,)](
         mu, lv, w, eps_J, eps, seed,
