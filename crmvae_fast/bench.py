@@ -720,7 +720,7 @@ def run_case(case: Case, provider: str, device: torch.device, env: dict, *, quic
             extra = {}
             samples = time_fn(fn, device, warmup_ms=0 if heavy else (10 if short else 25),
                               rep_ms=(300 if short else 1000) if heavy else (100 if short else 200),
-                              min_reps=1 if (heavy or smoke) else 3, max_reps=3 if smoke else 1000, stats=extra)
+                              min_reps=1 if smoke else 3, max_reps=3 if smoke else 1000, stats=extra)
             timer_name = "cuda-events" if device.type == "cuda" else "perf_counter"
             peak = extra.get("peak_mem_mb")
         scale = getattr(fn, "scale", 1.0)

@@ -31,7 +31,7 @@ from .nn import ModelOutput, default_decoders, default_encoders, output_field
 #: Most latent rows (data points x samples) that ``compute_joint_nll`` decodes at once on a GPU, and on a CPU
 #: (smaller, so a block's activations stay in cache).
 NLL_MAX_ROWS = 1 << 16
-NLL_MAX_ROWS_CPU = 1 << 11
+NLL_MAX_ROWS_CPU = 1 << 12
 
 
 class CRMVAE(nn.Module):

@@ -43,9 +43,9 @@ class EncoderMLP(nn.Module):
         super().__init__()
         self.input_dim = tuple(input_dim)
         self.latent_dim = latent_dim
-        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(prod(self.input_dim), 512), nn.ReLU())])
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(prod(self.input_dim), 512), nn.ReLU(inplace=True))])
         for _ in range(n_hidden):
-            self.layers.append(nn.Sequential(nn.Linear(512, 512), nn.ReLU()))
+            self.layers.append(nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True)))
         self.embedding = nn.Linear(512, latent_dim)
         self.log_var = nn.Linear(512, latent_dim)
 
@@ -64,7 +64,7 @@ class DecoderMLP(nn.Module):
         self.input_dim = tuple(input_dim)
         self.layers = nn.ModuleList(
             [
-                nn.Sequential(nn.Linear(latent_dim, 512), nn.ReLU()),
+                nn.Sequential(nn.Linear(latent_dim, 512), nn.ReLU(inplace=True)),
                 nn.Sequential(nn.Linear(512, prod(self.input_dim)), nn.Sigmoid()),
             ]
         )
