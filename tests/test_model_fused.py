@@ -140,3 +140,26 @@ def test_training_step_captures_in_a_cuda_graph_and_replays_fresh_noise():
     assert torch.isfinite(l1) and torch.isfinite(l2)
     assert l1.item() != l2.item(), "graph replays must draw fresh noise"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["eager", "fused"])
+def test_autocast_bfloat16_step_is_finite_and_close_to_float32(fast, device):
+    """Under autocast the encoders hand bfloat16 means and log-variances to the latent step, which computes in
+    float32 and returns the KL terms in float32."""
+    eager, fused = make_models(DIMS, device)
+    model = fused if fast else eager
+    B = 8
+    inputs = {"data": {m: torch.rand((B, *d)).to(device) for m, d in DIMS.items()},
+              "masks": {m: torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool).to(device) if m == "b"
+                        else torch.ones(B, dtype=torch.bool, device=device) for m in DIMS}}
+    g = torch.Generator().manual_seed(2)
+    eps_J, eps = torch.randn(B, 3, generator=g).to(device), torch.randn(3, B, 3, generator=g).to(device)
+    use_noise(model, eps_J, eps)
+    ref = model(inputs)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = model(inputs)
+    assert out.metrics["joint_divergence"].dtype == torch.float32
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    torch.testing.assert_close(out.loss.float(), ref.loss, rtol=5e-2, atol=5e-2)
