@@ -274,3 +274,32 @@ def test_joint_nll_batched_equals_per_point_on_the_same_samples():
         batched = model._joint_ll_batched(data, masks, mu_J, lv_J, K, bk, noise=noise, max_rows=rows)
         torch.testing.assert_close(batched, per_point, rtol=1e-5, atol=1e-4)
     assert math.isfinite(model.compute_joint_nll(inputs, K=K).item())
+
+
+class RowSpy(nn.Module):
+    """Wraps a decoder and records the most latent rows it was asked to decode at once."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.most = 0
+
+    def forward(self, z):
+        self.most = max(self.most, z.reshape(-1, z.shape[-1]).shape[0])
+        return self.inner(z)
+
+
+@pytest.mark.parametrize("max_rows,batch_size_K", [(50, 10), (7, 10), (1000, 4)])
+def test_joint_nll_never_decodes_more_than_its_row_budget(monkeypatch, max_rows, batch_size_K):
+    from crmvae_fast import model as model_module
+
+    model = make_model(True)
+    model.decoders = nn.ModuleDict({m: RowSpy(d) for m, d in model.decoders.items()})
+    monkeypatch.setattr(model_module, "NLL_MAX_ROWS_CPU", max_rows)
+    monkeypatch.setattr(model_module, "NLL_MAX_ROWS", max_rows)
+    K = 30
+    model.compute_joint_nll(make_inputs(B=7), K=K, batch_size_K=batch_size_K)
+    # at most max_rows, unless one point's chunk of batch_size_K samples is already larger
+    bound = max(max_rows - max_rows % min(batch_size_K, K), min(batch_size_K, K))
+    for m, spy in model.decoders.items():
+        assert 0 < spy.most <= bound, (m, spy.most, bound)
