@@ -14,7 +14,10 @@ build use the torch already installed, the one the extension must match. torch f
 import os
 from pathlib import Path
 
-from packaging.version import Version
+try:
+    from packaging.version import Version
+except ImportError:  # machines without internet may lack `packaging`: torch vendors the same module
+    from torch._vendor.packaging.version import Version
 from setuptools import setup
 
 import torch
