@@ -1,8 +1,8 @@
 """The CUDA kernel of the extension (csrc/iw_logsumexp_cuda.cu) compiles for A100 (sm_80) and H100 (sm_90)
 with nvcc and torch's headers, flags and defines: the check CI can make without a GPU."""
 
-import os
 import inspect
+import os
 import shutil
 import subprocess
 import sysconfig
