@@ -690,19 +690,22 @@ def run_case(case: Case, provider: str, device: torch.device, env: dict, *, quic
 
     ``timer(fn) -> (samples_ms, timer_name)`` replaces :func:`time_fn` (the pytest files pass pytest-benchmark).
     """
-    try:
-        fn, note = build(case, provider, device, quick=quick and not smoke)
-    except Skip as exc:
-        if log:
-            log(f"  skip {case.label} [{provider}]: {exc}")
-        return make_row(env, case, provider, device, skipped=str(exc))
-    except Exception as exc:  # OOM and the like: say so in the row, go on
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        msg = f"failed to build: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    def skipped(msg: str) -> dict:
         if log:
             log(f"  skip {case.label} [{provider}]: {msg}")
         return make_row(env, case, provider, device, skipped=msg)
+
+    def failed(what: str, exc: Exception) -> dict:  # OOM and the like: say so in the row, go on
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return skipped(f"{what}: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    try:
+        fn, note = build(case, provider, device, quick=quick and not smoke)
+    except Skip as exc:
+        return skipped(str(exc))
+    except Exception as exc:
+        return failed("failed to build", exc)
     try:
         if getattr(fn, "single_run", False):
             _sync(device)
@@ -726,12 +729,7 @@ def run_case(case: Case, provider: str, device: torch.device, env: dict, *, quic
         scale = getattr(fn, "scale", 1.0)
         samples = [s * scale for s in samples]
     except Exception as exc:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        msg = f"failed: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if log:
-            log(f"  skip {case.label} [{provider}]: {msg}")
-        return make_row(env, case, provider, device, skipped=msg)
+        return failed("failed", exc)
     finally:
         cleanup = getattr(fn, "cleanup", None)
         if cleanup is not None:
