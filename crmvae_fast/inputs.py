@@ -36,6 +36,8 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
             f"{{'data': {{...}}, 'masks': {{...}}}}; got {type(inputs).__name__}"
         )
     masks = _get(inputs, "masks")
+    if masks is not None and not isinstance(masks, Mapping):
+        raise ValueError(f"inputs.masks must be a dict name -> (B,) tensor, got {type(masks).__name__}")
     known = list(modalities)
     unknown = [m for m in data if m not in known]
     if unknown:
@@ -75,8 +77,6 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
 
     if masks is None:
         return data, None
-    if not isinstance(masks, Mapping):
-        raise ValueError(f"inputs.masks must be a dict name -> (B,) tensor, got {type(masks).__name__}")
     out_masks = {}
     for m in names:
         if m not in masks:
