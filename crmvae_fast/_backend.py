@@ -6,7 +6,9 @@ through the Triton kernels, which is how CI tests them without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -21,6 +23,16 @@ try:
 except Exception as exc:  # pragma: no cover - triton ships with CUDA builds of torch
     TRITON_VERSION = None
     _TRITON_REASON = f"triton could not be imported: {exc!r}"
+
+
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def launch_guard():
+    """Wrap every Triton launch in ``with launch_guard():``. The interpreter patches global state (``tl`` and
+    the kernel's globals) while it runs a kernel, so two threads interpreting at once break each other: under
+    ``TRITON_INTERPRET=1`` this is a process-wide lock; on a GPU it is a no-op."""
+    return _INTERPRETER_LOCK if INTERPRET else contextlib.nullcontext()
 
 
 def triton_runs_on(device: torch.device) -> bool:

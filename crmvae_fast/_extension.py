@@ -9,7 +9,7 @@ The order is
    (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``): the CPU file always, the CUDA file too when
    ``torch.cuda.is_available()`` and nvcc is found;
 3. else no extension: one ``warnings.warn`` says why, and the callers use the eager twin in
-   :mod:`crmvae_fast.ops.iw_logsumexp`.
+   :mod:`crmvae_fast.kernels.iw_logsumexp`.
 
 ``CRMVAE_FAST_REQUIRE_EXT=1`` turns step 3 into a ``RuntimeError`` carrying the build error (CI sets it so the
 extension is really tested). ``CRMVAE_FAST_NO_JIT=1`` skips step 2.
@@ -136,7 +136,7 @@ def load():
         if _loaded is None:
             _loaded, _reason = _try_load()
             if _loaded:
-                from .ops import iw_logsumexp
+                from .kernels import iw_logsumexp
 
                 iw_logsumexp._register_fake()
             elif not _require():

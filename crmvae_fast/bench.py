@@ -455,17 +455,13 @@ def _random_mask(M: int, B: int, device, generator: torch.Generator, missing: fl
 def _eager_latent_step(mu, lv, mask):
     from . import reference
 
-    M, B, D = mu.shape
-    eps_J = torch.randn((B, D), dtype=mu.dtype, device=mu.device)
-    eps = torch.randn_like(mu)
-    return reference.latent_step(mu, lv, mask, eps_J, eps)
+    return reference.latent_step(mu, lv, mask, *reference.draw_noise(mu))
 
 
 def _fused_latent_step():
     from . import ops
 
-    fn = ops.latent_step
-    return getattr(fn, "latent_step", fn)  # the function, also if ``ops.latent_step`` names the module
+    return ops.latent_step
 
 
 def _compiled(fn):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import reference
+from .common import LatentStep, compute_dtype
 from .config import CRMVAEConfig
 from .inputs import read_inputs, stack_masks
 from .likelihoods import make_log_prob, summed_log_prob
@@ -130,16 +131,12 @@ class CRMVAE(nn.Module):
         lv = torch.stack([output_field(o, "log_covariance") for o in outs])
         return mu, lv
 
-    def _latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor]) -> reference.LatentStep:
+    def _latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor]) -> LatentStep:
         if self.fast_kernels:
             from . import ops
 
             return ops.latent_step(mu, lv, mask)
-        # MultiVae's draws, in its order: the joint sample first, then one per modality.
-        mu_J, lv_J = reference.poe(mu, lv, mask)
-        eps_J = torch.empty_like(mu_J).normal_()
-        eps = torch.stack([torch.empty_like(mu[i]).normal_() for i in range(mu.shape[0])])
-        return reference.latent_step(mu, lv, mask, eps_J, eps)
+        return reference.latent_step(mu, lv, mask, *reference.draw_noise(mu))
 
     # --------------------------------------------------------------------------------------------- forward
     def forward(self, inputs, **kwargs) -> ModelOutput:
@@ -327,7 +324,7 @@ class CRMVAE(nn.Module):
         for i0 in range(0, n, nb):
             i1 = min(n, i0 + nb)
             mu_b, std_b = mu_J[i0:i1], torch.exp(0.5 * lv_J[i0:i1])
-            state = ops.iw_lse_init(i1 - i0, device=mu_J.device, dtype=reference.compute_dtype(mu_J.dtype))
+            state = ops.iw_lse_init(i1 - i0, device=mu_J.device, dtype=compute_dtype(mu_J.dtype))
             for k0 in range(0, K, kc):
                 k1 = min(K, k0 + kc)
                 if noise is None:

@@ -19,19 +19,12 @@ modality gets the prior N(0, I) as its joint (``mu_J = 0``, ``lv_J = 0``): a fin
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-#: MultiVae's variance floor in the product of experts: T_m = 1 / (exp(lv_m) + VAR_FLOOR).
-VAR_FLOOR = 1e-8
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the latent math runs in for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+from .common import VAR_FLOOR, LatentStep, compute_dtype  # noqa: F401  (re-exported)
 
 def _full_mask(mask: Optional[Tensor], mu: Tensor) -> Tensor:
     if mask is None:
@@ -83,15 +76,13 @@ def kl_to_experts(mu_J: Tensor, lv_J: Tensor, mu: Tensor, lv: Tensor, mask: Opti
     return torch.where(w, kl, 0.0)
 
 
-class LatentStep(NamedTuple):
-    """Everything the CRMVAE loss needs from the latent space for one step."""
-
-    mu_J: Tensor  # (B, D) joint mean
-    lv_J: Tensor  # (B, D) joint log-variance
-    z_J: Tensor  # (B, D) one sample of the joint
-    z: Tensor  # (M, B, D) one sample of each unimodal posterior (unmasked parameters)
-    kl_prior: Tensor  # (B,) KL of the joint to N(0, I)
-    kl_experts: Tensor  # (M, B) KL of the joint to each expert, zero where masked
+def draw_noise(mu: Tensor) -> tuple[Tensor, Tensor]:
+    """Standard normal ``(eps_J, eps)`` for :func:`latent_step`, (B, D) and (M, B, D), drawn with MultiVae's calls
+    in MultiVae's order (the joint first, then one (B, D) draw per modality), so a seeded eager run reproduces
+    MultiVae's samples. The one place the eager noise is drawn."""
+    eps_J = torch.empty_like(mu[0]).normal_()
+    eps = torch.stack([torch.empty_like(mu[i]).normal_() for i in range(mu.shape[0])])
+    return eps_J, eps
 
 
 def latent_step(

@@ -9,7 +9,7 @@ import torch
 
 from crmvae_fast import _extension, reference
 from crmvae_fast.ops import iw_lse_finalize, iw_lse_init, iw_lse_update
-from crmvae_fast.ops.iw_logsumexp import iw_lse_update_eager
+from crmvae_fast.kernels.iw_logsumexp import iw_lse_update_eager
 
 # Per-dtype tolerances on ll. The CPU kernel accumulates in double; the CUDA kernel in the input dtype, so a
 # float32 log-weight of size 1e4 carries about 1e-3 of rounding.

@@ -1,5 +1,5 @@
-"""Every Triton kernel of ``crmvae_fast.ops.latent_step`` compiles to cubin for A100 (sm_80) and H100 (sm_90),
-with no GPU present: ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` runs the whole
+"""Every Triton kernel of ``crmvae_fast.kernels`` compiles to cubin for A100 (sm_80) and H100 (sm_90), with no GPU
+present (each kernel module lists the specializations to build in ``compile_configs()``): ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` runs the whole
 pipeline (TTIR -> TTGIR -> LLIR -> PTX -> ptxas, the ptxas triton ships).
 
 Under ``TRITON_INTERPRET=1`` (set by conftest without a GPU) ``@triton.jit`` gives interpreter wrappers, not
@@ -21,59 +21,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     r'''
-    import importlib, json, sys
+    import importlib, json, pkgutil
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
+    import crmvae_fast.kernels as pkg
 
-    mod = importlib.import_module("crmvae_fast.ops.latent_step")
-    kernels = {n: k for n, k in vars(mod).items() if isinstance(k, JITFunction) and n.endswith("_kernel")}
-
-    CONSTEXPR = ("HAS_MASK", "DRAW", "CT", "BLOCK_M", "BLOCK_D")
-    KL = ("kl0_ptr", "klm_ptr", "g_kl0_ptr", "g_klm_ptr")
-
-    def signature(kernel, io):
-        """Pointer types from the argument's role: mask bytes, int64 seed, KLs in float32, the rest in ``io``."""
-        sig = {}
-        for name in kernel.arg_names:
-            if name in CONSTEXPR:
-                sig[name] = "constexpr"
-            elif name == "w_ptr":
-                sig[name] = "*u8"
-            elif name == "seed_ptr":
-                sig[name] = "*i64"
-            elif name in KL:
-                sig[name] = "*fp32"
-            elif name.endswith("_ptr"):
-                sig[name] = io
-            else:
-                sig[name] = "i32"
-        return sig
-
-    # (input pointer type, constexprs): the model's float32 config with mask and drawn noise, and a bf16 one
-    # with given noise and no mask, at the launchers' block shapes for M = 5, D = 512 and M = 16, D = 33.
-    blocks = mod._blocks  # the launchers' own rule: (BLOCK_M, BLOCK_D, num_warps)
-    CONFIGS = [
-        ("*fp32", dict(HAS_MASK=True, DRAW=True, CT=tl.float32), blocks(5, 512)),
-        ("*bf16", dict(HAS_MASK=False, DRAW=False, CT=tl.float32), blocks(16, 33)),
-    ]
+    # Every kernel module declares the specializations to build in compile_configs():
+    # (name, kernel, signature, constexprs, num_warps).
+    kernels, configs = [], []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        jitted = [n for n, k in vars(mod).items() if isinstance(k, JITFunction) and n.endswith("_kernel")]
+        if jitted:
+            kernels += [f"{info.name}.{n}" for n in jitted]
+            configs += [(info.name, c) for c in mod.compile_configs()]
     results = []
     for cap in (80, 90):
-        for kname, kernel in sorted(kernels.items()):
-            for io, constexprs, (block_m, block_d, num_warps) in CONFIGS:
-                constexprs = dict(constexprs, BLOCK_M=block_m, BLOCK_D=block_d)
-                try:
-                    compiled = triton.compile(
-                        ASTSource(fn=kernel, signature=signature(kernel, io), constexprs=constexprs),
-                        target=GPUTarget("cuda", cap, 32),
-                        options={"num_warps": num_warps},
-                    )
-                    results.append(dict(kernel=kname, cap=cap, io=io, cubin=len(compiled.asm.get("cubin", b"")),
-                                        error=None))
-                except Exception as exc:  # reported by the test, with the kernel and target that failed
-                    results.append(dict(kernel=kname, cap=cap, io=io, cubin=0, error=repr(exc)[:2000]))
+        for modname, (name, kernel, signature, constexprs, num_warps) in configs:
+            try:
+                compiled = triton.compile(
+                    ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                    target=GPUTarget("cuda", cap, 32),
+                    options={"num_warps": num_warps},
+                )
+                results.append(dict(kernel=f"{modname}.{kernel.__name__}", config=name, cap=cap,
+                                    cubin=len(compiled.asm.get("cubin", b"")), error=None))
+            except Exception as exc:  # reported by the test, with the kernel and target that failed
+                results.append(dict(kernel=f"{modname}.{kernel.__name__}", config=name, cap=cap, cubin=0,
+                                    error=repr(exc)[:2000]))
     print("RESULTS " + json.dumps(dict(kernels=sorted(kernels), results=results)))
     '''
 )
@@ -87,7 +64,9 @@ def test_every_kernel_compiles_to_cubin(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, f"compile script failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     report = json.loads(lines[-1][len("RESULTS "):])
-    assert set(report["kernels"]) == {"_latent_step_fwd_kernel", "_latent_step_bwd_kernel"}, report["kernels"]
+    assert {"latent_step._latent_step_fwd_kernel", "latent_step._latent_step_bwd_kernel"} <= set(report["kernels"])
+    built = {r["kernel"] for r in report["results"]}
+    assert built == set(report["kernels"]), f"kernels with no compile_configs() entry: {set(report['kernels']) - built}"
     bad = [r for r in report["results"] if r["error"] or r["cubin"] == 0]
     assert not bad, "kernels that did not compile to cubin:\n" + "\n".join(map(str, bad))
     assert {r["cap"] for r in report["results"]} == {80, 90}

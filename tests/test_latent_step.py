@@ -1,4 +1,4 @@
-"""The fused latent step (``crmvae_fast.ops.latent_step``) against its eager twin ``reference.latent_step``.
+"""The fused latent step (``crmvae_fast.kernels.latent_step``) against its eager twin ``reference.latent_step``.
 
 Without a GPU these run the Triton kernels through the interpreter (``TRITON_INTERPRET=1``, set by conftest),
 so shapes stay small. Every output and every gradient is compared, with random upstream gradients on all six
@@ -14,7 +14,7 @@ import torch
 from crmvae_fast import _backend, reference
 from crmvae_fast.ops import latent_step
 
-ls_mod = importlib.import_module("crmvae_fast.ops.latent_step")  # the module (the package exports the function)
+ls_mod = importlib.import_module("crmvae_fast.kernels.latent_step")  # the module (the package exports the function)
 
 needs_kernels = pytest.mark.skipif(
     not _backend.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")),

@@ -1,7 +1,7 @@
-"""Fused ops of crmvae_fast, each registered as a torch custom op; the eager twins live in
-:mod:`crmvae_fast.reference`."""
+"""Fused ops of crmvae_fast, each registered as a torch custom op. Implementations: one module per op in
+:mod:`crmvae_fast.kernels`; eager twins: :mod:`crmvae_fast.reference`."""
 
-from .latent_step import latent_step
-from .iw_logsumexp import iw_lse_init, iw_lse_update, iw_lse_finalize
+from ..kernels.iw_logsumexp import iw_lse_finalize, iw_lse_init, iw_lse_update
+from ..kernels.latent_step import latent_step
 
 __all__ = ["latent_step", "iw_lse_init", "iw_lse_update", "iw_lse_finalize"]

@@ -51,7 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend, reference
-from ..reference import VAR_FLOOR, LatentStep
+from ..common import VAR_FLOOR, LatentStep, compute_dtype
 
 __all__ = ["latent_step", "latent_step_forward", "latent_step_backward"]
 
@@ -82,7 +82,7 @@ __all__ = ["latent_step", "latent_step_forward", "latent_step_backward"]
 # elements per thread (ptxas for sm_90 at M = 5: 110 registers forward, 128 backward, no spills; 8 elements per
 # thread took 190-255 registers and spilled in the backward).
 _TILE = 1024
-assert VAR_FLOOR == 1e-8, "the kernels hard-code reference.VAR_FLOOR (1e-8) in _poe_tile: update them together"
+assert VAR_FLOOR == 1e-8, "the kernels hard-code common.VAR_FLOOR (1e-8) in _poe_tile: update them together"
 _ELEMS_PER_THREAD = 4
 
 
@@ -273,7 +273,7 @@ def latent_step_forward(
     """One launch: ``(mu_J, lv_J, z_J, z, kl_prior, kl_experts)`` from (M, B, D) ``mu``, ``lv``."""
     mu, lv = mu.contiguous(), lv.contiguous()
     M, B, D = mu.shape
-    ct = reference.compute_dtype(mu.dtype)
+    ct = compute_dtype(mu.dtype)
     mu_J = torch.empty((B, D), dtype=mu.dtype, device=mu.device)
     lv_J = torch.empty_like(mu_J)
     z_J = torch.empty_like(mu_J)
@@ -285,13 +285,14 @@ def latent_step_forward(
         return mu_J, lv_J, z_J, z, kl0, klm
     w, swm, swb, draw, eps_J, eps, seed = _common(mu, mask, eps_J, eps, seed)
     block_m, block_d, num_warps = _blocks(M, D)
-    _latent_step_fwd_kernel[(B,)](
-        mu, lv, w, eps_J, eps, seed,
-        mu_J, lv_J, z_J, z, kl0, klm,
-        M, B, D, swm, swb,
-        HAS_MASK=mask is not None, DRAW=draw, CT=_ct(mu.dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _backend.launch_guard():
+        _latent_step_fwd_kernel[(B,)](
+            mu, lv, w, eps_J, eps, seed,
+            mu_J, lv_J, z_J, z, kl0, klm,
+            M, B, D, swm, swb,
+            HAS_MASK=mask is not None, DRAW=draw, CT=_ct(mu.dtype),
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return mu_J, lv_J, z_J, z, kl0, klm
 
 
@@ -309,17 +310,53 @@ def latent_step_backward(
         return dmu, dlv
     w, swm, swb, draw, eps_J, eps, seed = _common(mu, mask, eps_J, eps, seed)
     block_m, block_d, num_warps = _blocks(M, D)
-    _latent_step_bwd_kernel[(B,)](
-        mu, lv, w, eps_J, eps, seed,
-        g_mu_J, g_lv_J, g_z_J, g_z, g_kl0, g_klm,
-        dmu, dlv,
-        M, B, D, swm, swb,
-        *g_mu_J.stride(), *g_lv_J.stride(), *g_z_J.stride(),
-        *g_z.stride(), *g_kl0.stride(), *g_klm.stride(),
-        HAS_MASK=mask is not None, DRAW=draw, CT=_ct(mu.dtype),
-        BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
-    )
+    with _backend.launch_guard():
+        _latent_step_bwd_kernel[(B,)](
+            mu, lv, w, eps_J, eps, seed,
+            g_mu_J, g_lv_J, g_z_J, g_z, g_kl0, g_klm,
+            dmu, dlv,
+            M, B, D, swm, swb,
+            *g_mu_J.stride(), *g_lv_J.stride(), *g_z_J.stride(),
+            *g_z.stride(), *g_kl0.stride(), *g_klm.stride(),
+            HAS_MASK=mask is not None, DRAW=draw, CT=_ct(mu.dtype),
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
+        )
     return dmu, dlv
+
+
+def compile_configs() -> list:
+    """The specializations to build for a GPU without one (``tests/test_kernels_compile.py``):
+    ``(name, kernel, signature, constexprs, num_warps)`` for the model's float32 config with a mask and drawn
+    noise at M = 5, D = 512, and a bfloat16 one with given noise and no mask at M = 16, D = 33."""
+    const = ("HAS_MASK", "DRAW", "CT", "BLOCK_M", "BLOCK_D")
+    kl = ("kl0_ptr", "klm_ptr", "g_kl0_ptr", "g_klm_ptr")
+
+    def signature(kernel, io):
+        sig = {}
+        for name in kernel.arg_names:
+            if name in const:
+                sig[name] = "constexpr"
+            elif name == "w_ptr":
+                sig[name] = "*u8"
+            elif name == "seed_ptr":
+                sig[name] = "*i64"
+            elif name in kl:
+                sig[name] = "*fp32"
+            elif name.endswith("_ptr"):
+                sig[name] = io
+            else:
+                sig[name] = "i32"
+        return sig
+
+    out = []
+    for io, flags, (M, D) in (("*fp32", dict(HAS_MASK=True, DRAW=True), (5, 512)),
+                              ("*bf16", dict(HAS_MASK=False, DRAW=False), (16, 33))):
+        block_m, block_d, num_warps = _blocks(M, D)
+        for name, kernel in (("_latent_step_fwd_kernel", _latent_step_fwd_kernel),
+                             ("_latent_step_bwd_kernel", _latent_step_bwd_kernel)):
+            constexprs = dict(flags, CT=tl.float32, BLOCK_M=block_m, BLOCK_D=block_d)
+            out.append((f"{name}[{io[1:]},M={M},D={D}]", kernel, signature(kernel, io), constexprs, num_warps))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,7 +377,7 @@ def _latent_step_op(
 @_latent_step_op.register_fake
 def _(mu, lv, mask, eps_J, eps, seed):
     M, B, D = mu.shape
-    ct = reference.compute_dtype(mu.dtype)
+    ct = compute_dtype(mu.dtype)
     mu_J = mu.new_empty((B, D))
     z = torch.empty_like(mu, memory_format=torch.contiguous_format)
     return mu_J, mu.new_empty((B, D)), mu.new_empty((B, D)), z, mu.new_empty((B,), dtype=ct), mu.new_empty((M, B), dtype=ct)
@@ -354,7 +391,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_mu_J, g_lv_J, g_z_J, g_z, g_kl0, g_klm):
     mu, lv, mask, eps_J, eps, seed = ctx.saved_tensors
     M, B, D = mu.shape
-    ct = reference.compute_dtype(mu.dtype)
+    ct = compute_dtype(mu.dtype)
     # autograd materializes absent gradients as zeros; these stand-ins only cover a caller that passes None
     if g_mu_J is None:
         g_mu_J = mu.new_zeros(()).expand(B, D)
@@ -462,8 +499,7 @@ def latent_step(
 
     if not _backend.triton_runs_on(mu.device):
         if eps is None:
-            eps_J = torch.randn((B, D), dtype=mu.dtype, device=mu.device)
-            eps = torch.randn_like(mu)
+            eps_J, eps = reference.draw_noise(mu)
         return reference.latent_step(mu, lv, mask, eps_J, eps)
 
     seed = None

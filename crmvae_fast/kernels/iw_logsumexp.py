@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _extension, reference
+from ..common import compute_dtype
 
 OP_NAME = "crmvae_fast::iw_lse_update"
 
@@ -42,7 +43,7 @@ def iw_lse_init(n: int, device=None, dtype: torch.dtype = torch.float32) -> tupl
 
     Their dtype is the arithmetic dtype for inputs of ``dtype``: float64 for float64, else float32.
     """
-    ct = reference.compute_dtype(dtype)
+    ct = compute_dtype(dtype)
     return (
         torch.full((n,), -math.inf, device=device, dtype=ct),
         torch.zeros((n,), device=device, dtype=ct),
