@@ -9,6 +9,11 @@ architectures (default without a visible GPU: "8.0;9.0", A100 and H100). ``--no-
 build use the torch already installed, the one the extension must match. torch finds the CUDA toolkit through
 ``CUDA_HOME`` (else from the nvcc on PATH): where nvcc is a wrapper script outside the toolkit, set
 ``CUDA_HOME=/usr/local/cuda`` so that libcudart is found at link time.
+
+The sources are every ``csrc/*.cpp`` (and ``csrc/*.cu`` with CUDA): a new C++ op only adds files there. The same
+folder ships inside the package as ``crmvae_fast/csrc`` (pyproject.toml maps it), so an installed wheel can still
+JIT-build the extension (``crmvae_fast/_extension.py``). ``CRMVAE_FAST_SKIP_EXT=1`` builds no extension at all
+(a pure-Python wheel that JIT-builds on first use).
 """
 
 import os
@@ -40,7 +45,7 @@ def _extension():
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     with_cuda = (torch.cuda.is_available() or force_cuda) and CUDA_HOME is not None and torch.version.cuda is not None
     cxx = ["-O3", "-fopenmp-simd"] + (["-fopenmp"] if _openmp() else [])
-    sources = [str(p.relative_to(ROOT)) for p in (CSRC / "ops.cpp", CSRC / "iw_logsumexp_cpu.cpp")]
+    sources = [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp"))]
     common = dict(
         name="crmvae_fast._C",
         include_dirs=[str(CSRC)],
@@ -49,7 +54,7 @@ def _extension():
     if with_cuda:
         if not torch.cuda.is_available():  # no GPU to read the architecture from
             os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources.append(str((CSRC / "iw_logsumexp_cuda.cu").relative_to(ROOT)))
+        sources += [str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cu"))]
         return CUDAExtension(
             sources=sources,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
@@ -59,6 +64,6 @@ def _extension():
 
 
 setup(
-    ext_modules=[_extension()],
+    ext_modules=[] if os.environ.get("CRMVAE_FAST_SKIP_EXT", "0") == "1" else [_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )

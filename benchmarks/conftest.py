@@ -10,12 +10,15 @@ Unlike ``tests/``, nothing sets ``TRITON_INTERPRET`` here: on a CPU the fused pr
 (the eager fallback of the latent step, the C++ extension of the NLL).
 """
 
+import os
+
 import pytest
 import torch
 
 from crmvae_fast import bench
 
 DEVICE = bench.default_device()
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "results.jsonl")
 # The sweep is bench.FULL_SIZES; the sizes a device cannot take quickly are skipped by bench.skip_reason.
 #: pytest-benchmark rounds: many for the (fast) latent step, few for whole steps and the NLL.
 ROUNDS = {"latent_step": (20, 3), "train_step": (5, 1), "joint_nll": (3, 0)}
@@ -28,7 +31,9 @@ def bench_env():
 
 @pytest.fixture(scope="session")
 def results_path():
-    return bench.default_results_path()
+    """``$CRMVAE_BENCH_JSON``, else this repository's ``benchmarks/results/results.jsonl``, named explicitly (the
+    library's own default is the working directory, never the checkout)."""
+    return os.environ.get("CRMVAE_BENCH_JSON") or RESULTS
 
 
 @pytest.fixture

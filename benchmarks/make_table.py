@@ -53,8 +53,8 @@ def table(rows) -> str:
     groups = {}
     for r in rows:
         groups.setdefault((r["op"], r["mode"], r["M"], r["B"], r["D"]), {})[r["provider"]] = r
-    order = {op: i for i, op in enumerate(bench.OPS)}
-    modes = {m: i for ms in bench.MODES.values() for i, m in enumerate(ms)}
+    order = {op: i for i, op in enumerate(bench.SPECS)}
+    modes = {m: i for spec in bench.SPECS.values() for i, m in enumerate(spec.modes)}
     for key in sorted(groups, key=lambda k: (order.get(k[0], 9), modes.get(k[1], 9), k[2], k[4], k[3])):
         g = groups[key]
         if all(r.get("skipped") for r in g.values()):
@@ -134,7 +134,7 @@ def targets(rows, device: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("path", nargs="?", default=bench.default_results_path())
+    p.add_argument("path", nargs="?", default=os.path.join(HERE, "results", "results.jsonl"))
     p.add_argument("--cpu", action="store_true", help="also print the latest CPU run")
     args = p.parse_args(argv)
     rows = bench.read_rows(args.path)

@@ -44,11 +44,40 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
+def op_backend(spec, device_type: str) -> tuple:
+    """``(runner, reason)`` for the registered op ``spec`` (:class:`crmvae_fast.registry.OpSpec`) on tensors
+    of ``device_type``: runner is ``"triton"``, ``"triton-interpreter"`` or ``"extension"`` when the fused path
+    is live, ``"eager"`` when the eager twin runs instead (reason says why), None when there is no such
+    device here."""
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return None, "no CUDA device"
+    if spec.backend == "triton":
+        if TRITON_VERSION is None:
+            return "eager", _TRITON_REASON
+        if device_type == "cuda":
+            return "triton", ""
+        if INTERPRET:
+            return "triton-interpreter", ""
+        return "eager", "Triton needs a CUDA device, or TRITON_INTERPRET=1 set before import for CPU tensors"
+    if spec.backend == "extension":
+        from . import _extension
+
+        kind, reason = _extension.status()
+        if kind is None:
+            return "eager", reason
+        if device_type == "cuda" and kind != "cuda":
+            return "eager", "the extension was built without CUDA: CUDA tensors use the eager twin"
+        return "extension", ""
+    raise ValueError(f"op {spec.name!r}: unknown backend {spec.backend!r}")
+
+
 def backend_info() -> dict:
     """A dict saying which paths are live: ``triton`` (version or None), ``interpreter`` (bool),
-    ``extension`` ("cuda", "cpu" or None), ``cuda`` (bool), ``latent_step`` and ``joint_nll`` (what runs
-    them for CPU and CUDA tensors), and a ``reasons`` dict naming why each path that is off is off."""
-    from . import _extension
+    ``extension`` ("cuda", "cpu" or None), ``cuda`` (bool), then for every registered op
+    (:mod:`crmvae_fast.registry`, under its name and its aliases, e.g. ``latent_step`` and ``joint_nll``) what
+    runs it for CPU and CUDA tensors, and a ``reasons`` dict naming why each path that is off is off
+    (``reasons["<op>.<device>"]`` for an op that runs its eager twin there)."""
+    from . import _extension, registry
 
     ext_kind, ext_reason = _extension.status()
     cuda = torch.cuda.is_available()
@@ -61,19 +90,21 @@ def backend_info() -> dict:
         reasons["extension"] = ext_reason
     elif ext_kind == "cpu" and cuda:
         reasons["extension"] = "built without CUDA: CUDA tensors use the eager importance weights"
-    return {
+    info = {
         "triton": TRITON_VERSION,
         "interpreter": INTERPRET,
         "extension": ext_kind,
         "cuda": cuda,
         "torch": torch.__version__,
-        "latent_step": {
-            "cpu": "triton-interpreter" if (INTERPRET and TRITON_VERSION) else "eager",
-            "cuda": ("triton" if TRITON_VERSION else "eager") if cuda else None,
-        },
-        "joint_nll": {
-            "cpu": "extension" if ext_kind is not None else "eager",
-            "cuda": ("extension" if ext_kind == "cuda" else "eager") if cuda else None,
-        },
-        "reasons": reasons,
     }
+    for spec in registry.OPS.values():
+        where = {}
+        for dev in ("cpu", "cuda"):
+            runner, why = op_backend(spec, dev)
+            where[dev] = runner
+            if runner == "eager" and why:
+                reasons[f"{spec.name}.{dev}"] = why
+        for key in (spec.name,) + spec.aliases:
+            info[key] = dict(where)
+    info["reasons"] = reasons
+    return info

@@ -11,6 +11,14 @@ The order is
 3. else no extension: one ``warnings.warn`` says why, and the callers use the eager twin in
    :mod:`crmvae_fast.kernels.iw_logsumexp`.
 
+The sources are every ``*.cpp`` of the ``csrc`` folder (and every ``*.cu`` when building with CUDA), found
+beside the package in a checkout (``<repo>/csrc``) or inside it in an installed wheel (``crmvae_fast/csrc``,
+shipped as package data): :func:`csrc_dir`. The ops the extension must register are the registry entries whose
+backend is ``"extension"`` (:mod:`crmvae_fast.registry`).
+
+This module imports no op module: an op module that needs something done once the library is loaded (its
+fake registration, which needs the C++ schema) hands a callback to :func:`when_loaded`.
+
 ``CRMVAE_FAST_REQUIRE_EXT=1`` turns step 3 into a ``RuntimeError`` carrying the build error (CI sets it so the
 extension is really tested). ``CRMVAE_FAST_NO_JIT=1`` skips step 2.
 """
@@ -26,14 +34,37 @@ from typing import Optional
 
 import torch
 
-OP_NAME = "crmvae_fast::iw_lse_update"
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-CPU_SOURCES = ("ops.cpp", "iw_logsumexp_cpu.cpp")
-CUDA_SOURCES = ("iw_logsumexp_cuda.cu",)
+from . import registry
 
-_lock = threading.Lock()
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def csrc_dir() -> Optional[Path]:
+    """The folder holding the C++/CUDA sources: ``<checkout>/csrc`` beside the package, else
+    ``crmvae_fast/csrc`` inside an installed wheel; None when neither has a ``*.cpp`` file."""
+    for d in (_PACKAGE.parent / "csrc", _PACKAGE / "csrc"):
+        if d.is_dir() and any(d.glob("*.cpp")):
+            return d
+    return None
+
+
+def sources(cuda: bool, root: Optional[Path] = None) -> list:
+    """Every ``*.cpp`` of ``root`` (default :func:`csrc_dir`), then every ``*.cu`` when ``cuda``; sorted."""
+    root = root if root is not None else csrc_dir()
+    if root is None:
+        return []
+    return sorted(root.glob("*.cpp")) + (sorted(root.glob("*.cu")) if cuda else [])
+
+
+def op_names() -> tuple:
+    """The ``torch.ops`` names the extension registers: the custom ops of every op the registry runs on it."""
+    return tuple(n for spec in registry.OPS.values() if spec.backend == "extension" for n in spec.custom_ops)
+
+
+_lock = threading.RLock()
 _loaded: Optional[bool] = None  # None: not tried yet
 _reason = "not loaded yet"
+_on_load: list = []  # callbacks run once the library is loaded (fake registrations)
 
 
 def _require() -> bool:
@@ -41,8 +72,10 @@ def _require() -> bool:
 
 
 def _has_kernel(dispatch_key: str) -> bool:
+    """True when every op of :func:`op_names` has a kernel for ``dispatch_key``."""
+    names = op_names()
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, dispatch_key)
+        return bool(names) and all(torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key) for n in names)
     except RuntimeError:  # the operator is not defined (no library loaded)
         return False
 
@@ -74,18 +107,20 @@ def _jit_build() -> str:
     with_cuda = torch.cuda.is_available() and torch.version.cuda is not None and _nvcc_found()
     flags = cflags()
 
+    root = csrc_dir()
+    if root is None:
+        raise FileNotFoundError(
+            f"extension sources not found: no *.cpp in {_PACKAGE.parent / 'csrc'} (checkout) nor in "
+            f"{_PACKAGE / 'csrc'} (installed wheel); reinstall crmvae_fast from a wheel or checkout that has them")
+
     def build(cuda: bool) -> None:
-        sources = [str(CSRC / f) for f in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
-        missing = [s for s in sources if not Path(s).exists()]
-        if missing:
-            raise FileNotFoundError(f"extension sources not found: {missing} (crmvae_fast is not a checkout?)")
         cpp_extension.load(
             name="crmvae_fast_C_cuda" if cuda else "crmvae_fast_C_cpu",
-            sources=sources,
+            sources=[str(p) for p in sources(cuda, root)],
             extra_cflags=flags,
             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"],
             extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
-            extra_include_paths=[str(CSRC)],
+            extra_include_paths=[str(root)],
             with_cuda=cuda,
             is_python_module=False,
             verbose=False,
@@ -112,7 +147,7 @@ def _try_load() -> tuple:
 
         if _registered():
             return True, "crmvae_fast._C"
-        errors.append("crmvae_fast._C imported but registered no kernel for " + OP_NAME)
+        errors.append(f"crmvae_fast._C imported but registered no kernel for {', '.join(op_names())}")
     except ImportError as exc:
         errors.append(f"crmvae_fast._C not importable ({exc})")
     if os.environ.get("CRMVAE_FAST_NO_JIT", "0") == "1":
@@ -122,7 +157,7 @@ def _try_load() -> tuple:
         note = _jit_build()
         if _registered():
             return True, note
-        errors.append("JIT build loaded but registered no kernel for " + OP_NAME)
+        errors.append(f"JIT build loaded but registered no kernel for {', '.join(op_names())}")
     except Exception as exc:  # compiler missing, build error, ...
         errors.append(f"JIT build failed: {type(exc).__name__}: {exc}")
     return False, "; ".join(errors)
@@ -136,9 +171,8 @@ def load():
         if _loaded is None:
             _loaded, _reason = _try_load()
             if _loaded:
-                from .kernels import iw_logsumexp
-
-                iw_logsumexp._register_fake()
+                for fn in _on_load:
+                    fn()
             elif not _require():
                 warnings.warn(
                     "crmvae_fast: the C++/CUDA extension is not available, compute_joint_nll uses the eager "
@@ -152,6 +186,17 @@ def load():
             raise RuntimeError(f"crmvae_fast: CRMVAE_FAST_REQUIRE_EXT=1 but the extension is not available: {_reason}")
         return None
     return torch.ops.crmvae_fast
+
+
+def when_loaded(fn) -> None:
+    """Run ``fn()`` once the library is loaded: now if its ops are already registered in this process, else
+    right after :func:`load` has loaded it. Op modules register their fake functions this way (they need the
+    schema that the library declares), so this module never imports them."""
+    with _lock:
+        if _loaded or (_loaded is None and _registered()):
+            fn()
+        elif _loaded is None:
+            _on_load.append(fn)
 
 
 _kernels: dict = {}  # device type -> bool, filled once per device type

@@ -1,8 +1,10 @@
 """The ``crmvae-fast`` command (also ``python -m crmvae_fast``).
 
 * ``crmvae-fast info``: which fast paths are live here (:func:`crmvae_fast.backend_info`), as a table.
-* ``crmvae-fast bench [--quick] [--json PATH] [--plot PATH]``: the benchmark suite (:mod:`crmvae_fast.bench`)
-  on whatever device is present: a table of times and speed-ups, JSON rows appended to one file, a PNG plot.
+* ``crmvae-fast bench [--quick] [--json PATH] [--plot PATH] [--ops ...]``: the benchmark suite
+  (:mod:`crmvae_fast.bench`) on whatever device is present: a table of times and speed-ups, JSON rows appended
+  to one file (default ``./crmvae_fast_bench/results.jsonl``), a PNG plot. ``--ops`` takes the benchmarked ops
+  of :data:`crmvae_fast.bench.SPECS`.
 * ``crmvae-fast train [--epochs N] [--fast-kernels/--no-fast-kernels] [--out DIR] ...``: trains CRMVAE (default
   MLP architectures) with Adam on the embedded synthetic dataset (:mod:`crmvae_fast.synthetic`), reports the
   per-epoch loss and samples per second, the held-out joint NLL, and saves the model in MultiVae's folder format.
@@ -179,6 +181,16 @@ def cmd_train(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ main
+def _bench_help() -> tuple:
+    """``(ops, providers)`` help texts from the benchmark specs (:data:`crmvae_fast.bench.SPECS`): each op with
+    its modes and the registered ops (:mod:`crmvae_fast.registry`) its fused provider runs."""
+    from .bench import PROVIDERS, SPECS
+
+    ops = "; ".join(f"{name} ({'/'.join(spec.modes)}; fused runs {'+'.join(spec.uses)})"
+                    for name, spec in SPECS.items())
+    return ops, ",".join(PROVIDERS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crmvae-fast", description="CRMVAE with fused kernels: info, bench, train.")
     sub = p.add_subparsers(dest="command", metavar="{info,bench,train}")
@@ -193,12 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--smoke", action="store_true",
                     help="tiny sizes, few repetitions: checks the plumbing, the numbers mean nothing")
     pb.add_argument("--json", metavar="PATH", default=None,
-                    help="append the rows to this JSON-lines file (default benchmarks/results/results.jsonl)")
+                    help="append the rows to this JSON-lines file (default $CRMVAE_BENCH_JSON, else "
+                         "./crmvae_fast_bench/results.jsonl in the working directory)")
     pb.add_argument("--plot", metavar="PATH", default=None,
                     help="PNG of speed-up against size (default: speedup.png beside the JSON file)")
     pb.add_argument("--no-plot", action="store_true", help="write no plot")
-    pb.add_argument("--ops", default=None, help="comma-separated subset of latent_step,joint_nll,train_step")
-    pb.add_argument("--providers", default=None, help="comma-separated subset of eager,fused,compile,multivae")
+    ops_help, providers_help = _bench_help()
+    pb.add_argument("--ops", default=None, help="comma-separated subset of the benchmarked ops: " + ops_help)
+    pb.add_argument("--providers", default=None, help="comma-separated subset of " + providers_help)
     pb.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                     help="dtype of the latent step (the other ops run in float32)")
     pb.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")

@@ -79,5 +79,18 @@ def test_cuda_kernel_compiles_for_sm80_and_sm90(tmp_path):
 def test_extension_sources_are_where_the_loader_looks():
     from crmvae_fast import _extension
 
-    for name in _extension.CPU_SOURCES + _extension.CUDA_SOURCES:
-        assert (_extension.CSRC / name).exists(), name
+    # In a checkout the loader builds from <repo>/csrc: every *.cpp, and every *.cu with CUDA.
+    assert _extension.csrc_dir() == ROOT / "csrc"
+    cpu = [p.name for p in _extension.sources(cuda=False)]
+    cuda = [p.name for p in _extension.sources(cuda=True)]
+    assert cpu == sorted(p.name for p in (ROOT / "csrc").glob("*.cpp")) and "ops.cpp" in cpu
+    assert cuda == cpu + sorted(p.name for p in (ROOT / "csrc").glob("*.cu")) and CUDA_SOURCE.name in cuda
+    # The ops it must register come from the registry: the custom ops of every op on the "extension" backend.
+    assert "crmvae_fast::iw_lse_update" in _extension.op_names()
+
+
+def test_setup_py_takes_the_same_sources():
+    # setup.py globs csrc/ too: the sources it names are the loader's (read from its text, not run: running
+    # setup.py builds the extension).
+    text = (ROOT / "setup.py").read_text()
+    assert 'glob("*.cpp")' in text and 'glob("*.cu")' in text

@@ -113,21 +113,17 @@ def iw_lse_update_eager(
     return new_max, new_sum
 
 
-_fake_registered = False
+def _iw_lse_update_fake(log_px, z, mu_J, lv_J, run_max, run_sum):
+    torch._check(z.dim() == 3, lambda: f"iw_lse_update: z must be (n, k, D), got {tuple(z.shape)}")
+    torch._check(log_px.shape == z.shape[:2], lambda: "iw_lse_update: log_px must be (n, k) to match z")
+    torch._check(run_max.shape == run_sum.shape == z.shape[:1], lambda: "iw_lse_update: run state must be (n,)")
+    return run_max.new_empty(run_max.shape), run_sum.new_empty(run_sum.shape)
 
 
 def _register_fake() -> None:
-    """Register the op's fake (meta) function; called by :func:`crmvae_fast._extension.load` once the library
-    is loaded (``register_fake`` needs the schema to exist)."""
-    global _fake_registered
-    if _fake_registered:
-        return
+    """Register the op's fake (meta) function. ``register_fake`` needs the schema, which the C++ library
+    declares (``csrc/ops.cpp``), so :func:`crmvae_fast._extension.when_loaded` calls this once it is loaded."""
+    torch.library.register_fake(OP_NAME, _iw_lse_update_fake)
 
-    @torch.library.register_fake(OP_NAME)
-    def _iw_lse_update_fake(log_px, z, mu_J, lv_J, run_max, run_sum):
-        torch._check(z.dim() == 3, lambda: f"iw_lse_update: z must be (n, k, D), got {tuple(z.shape)}")
-        torch._check(log_px.shape == z.shape[:2], lambda: "iw_lse_update: log_px must be (n, k) to match z")
-        torch._check(run_max.shape == run_sum.shape == z.shape[:1], lambda: "iw_lse_update: run state must be (n,)")
-        return run_max.new_empty(run_max.shape), run_sum.new_empty(run_sum.shape)
 
-    _fake_registered = True
+_extension.when_loaded(_register_fake)

@@ -1,0 +1,472 @@
+"""The benchmark cases: one :class:`BenchSpec` per benchmarked op, registered in :data:`SPECS`.
+
+A spec says, for one op (``Case.op``): its modes, the providers that run it, the sizes of a smoke, quick and full
+run (:attr:`BenchSpec.cases`), how to build a zero-argument callable for a (case, provider) with its inputs made
+(:attr:`BenchSpec.build`), why a (case, provider) cannot run here (:attr:`BenchSpec.skip`), the fewest bytes it
+must move (:attr:`BenchSpec.nbytes`), its baselines and which registered ops (:mod:`crmvae_fast.registry`) its
+fused provider runs. The runner, the report, the CLI's ``--ops`` and ``benchmarks/`` loop over :data:`SPECS` and
+name no op. Adding a benchmark is one ``register_bench(BenchSpec(...))`` at the end of this file.
+
+Specs here:
+
+* ``latent_step`` (``fwd``, ``bwd``, ``full`` = fwd + bwd): PoE, M + 1 reparameterized samples, every KL.
+* ``joint_nll`` (``eval``): ``compute_joint_nll`` (three 32-dim modalities, latent 8): the ``iw_logsumexp`` op
+  timed through the model, against MultiVae's per-point loop on the same weights.
+* ``train_step`` (``step``): forward + backward + Adam step of the default MLP model.
+
+Providers: ``eager`` (:mod:`crmvae_fast.reference` / ``fast_kernels=False``), ``fused`` (:mod:`crmvae_fast.ops` /
+``fast_kernels=True``), ``compile`` (``torch.compile`` of the eager math) and ``multivae`` (MultiVae 1.0.3's
+``CRMVAE`` on the same weights, the SPEC's peer). The eager and compile providers draw their noise with
+``torch.randn`` inside the timed call, as a training step does; the fused op draws it in the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from .environment import dtype_of, multivae_unavailable
+
+#: Every provider, in the order tables show them.
+PROVIDERS = ("eager", "fused", "compile", "multivae")
+#: Sizes of the full suite (M, B, D); big ones are skipped where the device cannot take them quickly.
+FULL_M = (2, 5)
+FULL_D = (32, 512)
+FULL_B = (256, 4096, 65536)
+#: (M, B, D) of the full sweep, as pytest ids.
+FULL_SIZES = [(M, B, D) for M in FULL_M for D in FULL_D for B in FULL_B]
+
+
+def size_id(size) -> str:
+    return "M{}-B{}-D{}".format(*size)
+
+
+#: The SPEC's target configuration (one H100, float32): run first so that a time budget never drops it.
+TARGET = (5, 4096, 512)
+#: Features per modality of the synthetic data in the ``train_step`` case (default MLP model).
+TRAIN_FEATURES = 64
+#: The ``joint_nll`` case: three modalities of 32 features, latent 8.
+NLL_M, NLL_FEATURES, NLL_LATENT = 3, 32, 8
+#: CPU limits (2-core class machines): largest M*B*D for the latent step, largest M*B for a train step.
+CPU_MAX_LATENT_ELEMS = 1 << 21
+CPU_MAX_TRAIN_ROWS = 1 << 13
+#: On a GPU, the compile provider of the train step is measured only at the target size (compiling a whole model
+#: per shape takes tens of seconds, and run_gpu.sh must finish in 10 minutes).
+GPU_COMPILE_TRAIN_SIZES = ((5, 4096, 512),)
+#: On a GPU MultiVae's per-point NLL loop is timed once on this many points and scaled to n.
+GPU_MULTIVAE_NLL_POINTS = 50
+#: A quick CPU run compiles the latent step at this size only.
+CPU_QUICK_COMPILE_SIZE = (5, 4096, 32)
+#: (M, B, D) of the full sweep, as pytest ids.
+FULL_SIZES = [(M, B, D) for M in FULL_M for D in FULL_D for B in FULL_B]
+
+
+def size_id(size) -> str:
+    return "M{}-B{}-D{}".format(*size)
+
+
+class Skip(Exception):
+    """A (case, provider) that cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    mode: str
+    M: int
+    B: int
+    D: int
+    dtype: str = "float32"
+    params: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def label(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.params.items())
+        return f"{self.op}/{self.mode} M={self.M} B={self.B} D={self.D}{extra}"
+
+
+def _no_skip(case: Case, provider: str, device: torch.device, quick: bool) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """How one op is benchmarked.
+
+    * ``name``: ``Case.op`` of its cases (``--ops`` takes it); ``modes``: its modes, in table order.
+    * ``providers``: the providers that get a row (a provider that cannot run says why in ``skip``).
+    * ``cases(device, quick, smoke, dtype) -> [Case]``: the sizes of a smoke, quick or full run.
+    * ``build(case, provider, device, quick) -> (fn, note)``: ``fn()`` runs one call with the inputs made;
+      raise :class:`Skip` when it cannot run. ``fn`` may carry ``scale`` (multiply the times),
+      ``single_run`` (time one call only) and ``cleanup`` (called when the case is done).
+    * ``skip(case, provider, device, quick) -> reason or None``: op-specific reasons (sizes a device cannot take
+      quickly, providers that do not apply); the availability of compile and MultiVae is checked by the runner.
+    * ``uses``: the registered ops (:mod:`crmvae_fast.registry`) the fused provider runs: its row's ``backend``.
+    * ``nbytes(case) -> int`` and ``bytes_formula[mode]``: the fewest bytes a call must move (None when the op
+      is not bound by bytes; ``bytes_formula`` then says why).
+    * ``baselines``: the provider that speed-ups are taken against, first one that ran wins.
+    * ``heavy``: a whole step (long calls: fewer repetitions, no warm-up); ``x_axis``: the plot's x (``"MBD"``
+      or ``"n"``, the number of data points in ``B``); ``target(case)``: run first so a time budget never
+      drops it.
+    """
+
+    name: str
+    modes: Tuple[str, ...]
+    providers: Tuple[str, ...]
+    cases: Callable[..., List[Case]]
+    build: Callable[..., tuple]
+    uses: Tuple[str, ...]
+    skip: Callable[..., Optional[str]] = _no_skip
+    nbytes: Optional[Callable[[Case], int]] = None
+    bytes_formula: Dict[str, str] = field(default_factory=dict)
+    baselines: Tuple[str, ...] = ("eager",)
+    heavy: bool = False
+    x_axis: str = "MBD"
+    target: Callable[[Case], bool] = lambda c: (c.M, c.B, c.D) == TARGET
+
+    def __post_init__(self):
+        bad = [p for p in self.providers + self.baselines if p not in PROVIDERS]
+        if bad:
+            raise ValueError(f"bench {self.name!r}: unknown providers {bad}; expected some of {PROVIDERS}")
+
+
+#: name -> spec, in the order runs and tables take them.
+SPECS: Dict[str, BenchSpec] = {}
+
+
+def register_bench(spec: BenchSpec) -> BenchSpec:
+    if spec.name in SPECS:
+        raise ValueError(f"bench {spec.name!r} is registered twice")
+    SPECS[spec.name] = spec
+    return spec
+
+
+def suite_cases(device: torch.device, quick: bool = False, smoke: bool = False, ops: Optional[Iterable[str]] = None,
+                dtype: str = "float32") -> List[Case]:
+    """The cases of a run, target configuration first. ``smoke``: tiny sizes (checks the plumbing, the numbers
+    mean nothing); ``quick``: small sizes, under a minute on a 2-core CPU; else the full sweep."""
+    out = []
+    for op in (list(SPECS) if ops is None else list(ops)):
+        if op not in SPECS:
+            raise ValueError(f"unknown op {op!r}; expected some of {tuple(SPECS)}")
+        out += SPECS[op].cases(device, quick, smoke, dtype)
+    if not smoke:  # the SPEC's target first, so a time budget never drops it
+        out.sort(key=lambda c: not SPECS[c.op].target(c))
+    return out
+
+
+def _sweep(device: torch.device, quick: bool, smoke: bool, quick_cpu, quick_gpu) -> list:
+    """(M, B, D) sizes: tiny for a smoke run, ``quick_cpu``/``quick_gpu`` for a quick one, else the full sweep
+    with the target first."""
+    if smoke:
+        return [(2, 16, 8)]
+    if quick:
+        return quick_gpu if device.type == "cuda" else quick_cpu
+    sizes = [(M, B, D) for M in FULL_M for D in FULL_D for B in FULL_B]
+    sizes.sort(key=lambda s: s != TARGET)
+    return sizes
+
+
+def _random_mask(M: int, B: int, device, generator: torch.Generator, missing: float = 0.2) -> torch.Tensor:
+    mask = torch.rand(M, B, generator=generator) >= missing
+    mask[0] |= ~mask.any(0)  # never a sample with no observed modality
+    return mask.to(device)
+
+
+def _eager_latent_step(mu, lv, mask):
+    from .. import reference
+
+    return reference.latent_step(mu, lv, mask, *reference.draw_noise(mu))
+
+
+def _fused_latent_step():
+    from .. import ops
+
+    return ops.latent_step
+
+
+def _compiled(fn):
+    import torch._dynamo
+
+    torch._dynamo.reset()  # one compile per case: no recompile limit, no cache carried between shapes
+    return torch.compile(fn, dynamic=False)
+
+
+
+# ------------------------------------------------------------------------------------------------- latent_step
+LATENT_BYTES_FORMULA = {
+    "fwd": "e*(2MBD + 3BD + MBD) + MB + 4(M+1)B: reads mu,lv (2MBD) and mask (MB bytes); writes mu_J,lv_J,z_J "
+           "(3BD), z (MBD) and the float32 KLs ((M+1)B); noise drawn in registers",
+    "bwd": "e*(BD + MBD + 2MBD + 2MBD) + MB + 4(M+1)B: reads g_z_J (BD), g_z (MBD), mu,lv (2MBD), mask (MB "
+           "bytes), g_KL ((M+1)B float32); writes d mu, d lv (2MBD); noise regenerated from the seed",
+    "full": "fwd + bwd",
+}
+
+
+def latent_step_bytes(M: int, B: int, D: int, mode: str, elem: int = 4) -> int:
+    """The fewest bytes the fused latent step must move (see :data:`LATENT_BYTES_FORMULA`); ``elem`` is the
+    element size of mu and lv, the mask is 1 byte per entry, the KL terms and their gradients float32."""
+    MBD, BD, MB = M * B * D, B * D, M * B
+    fwd = elem * (2 * MBD + 3 * BD + MBD) + MB + 4 * (M + 1) * B
+    bwd = elem * (BD + MBD + 2 * MBD + 2 * MBD) + MB + 4 * (M + 1) * B
+    return {"fwd": fwd, "bwd": bwd, "full": fwd + bwd}[mode]
+
+
+def _latent_cases(device, quick, smoke, dtype):
+    sizes = _sweep(device, quick, smoke, [(2, 256, 32), (5, 4096, 32)], [(2, 256, 32), TARGET, (5, 65536, 512)])
+    return [Case("latent_step", mode, M, B, D, dtype) for (M, B, D) in sizes for mode in ("fwd", "bwd", "full")]
+
+
+def _latent_skip(case: Case, provider: str, device: torch.device, quick: bool) -> Optional[str]:
+    if provider == "compile" and quick and device.type == "cpu" and (case.M, case.B, case.D) != CPU_QUICK_COMPILE_SIZE:
+        return f"quick run on a CPU: compile measured at M,B,D = {CPU_QUICK_COMPILE_SIZE} only (~15 s per shape)"
+    if device.type == "cpu":
+        if case.M * case.B * case.D > CPU_MAX_LATENT_ELEMS:
+            return f"M*B*D = {case.M * case.B * case.D} > {CPU_MAX_LATENT_ELEMS}: too slow for a CPU run"
+        if (provider == "fused" and case.M * case.B * case.D > 1 << 15
+                and os.environ.get("TRITON_INTERPRET", "0") == "1"):
+            return "TRITON_INTERPRET=1: the fused kernels run in the Triton interpreter, too slow past M*B*D=2^15"
+    if device.type == "cuda":
+        need = 16 * case.M * case.B * case.D * dtype_of(case.dtype).itemsize
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > free:
+            return f"needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+    return None
+
+
+_COMPILED_LATENT: dict = {}
+
+
+def _compiled_latent_step(case: Case):
+    """``torch.compile`` of the eager latent step, compiled once per (M, B, D, dtype) and shared by the three
+    modes (a new size resets dynamo: no recompile limit, nothing carried between shapes)."""
+    key = (case.M, case.B, case.D, case.dtype)
+    if key not in _COMPILED_LATENT:
+        _COMPILED_LATENT.clear()
+        _COMPILED_LATENT[key] = _compiled(_eager_latent_step)
+    return _COMPILED_LATENT[key]
+
+
+def _set_donated_buffers(value: Optional[bool]) -> Optional[bool]:
+    """Set ``torch._functorch.config.donated_buffer`` (when it exists) and return its old value.
+
+    The ``bwd`` mode calls the same backward again (``retain_graph=True``), which a compiled backward with
+    donated buffers refuses; the compile provider of the latent step is compiled without them in every mode, so
+    one compilation serves fwd, bwd and full (donated buffers only let the backward reuse saved buffers: the
+    compile rows' peak memory may be a little higher for it). A context manager does not do: dynamo guards on
+    the config and recompiles once it is restored, so the value stays set until the case is done
+    (``fn.cleanup``)."""
+    try:
+        import torch._functorch.config as fconfig
+    except Exception:  # pragma: no cover
+        return None
+    if value is None or not hasattr(fconfig, "donated_buffer"):
+        return None
+    old = fconfig.donated_buffer
+    fconfig.donated_buffer = value
+    return old
+
+
+def _build_latent(case: Case, provider: str, device: torch.device):
+    M, B, D = case.M, case.B, case.D
+    dt = dtype_of(case.dtype)
+    g = torch.Generator().manual_seed(0)
+    gd = torch.Generator(device=device).manual_seed(0)  # big tensors drawn on the device: fast set-up on a GPU
+    mu = torch.randn(M, B, D, generator=gd, device=device).to(dt).requires_grad_()
+    lv = (0.5 * torch.randn(M, B, D, generator=gd, device=device)).to(dt).requires_grad_()
+    mask = _random_mask(M, B, device, g)
+    if provider == "eager":
+        step = _eager_latent_step
+    elif provider == "fused":
+        step = _fused_latent_step()
+    elif provider == "compile":
+        step = _compiled_latent_step(case)
+    else:
+        raise Skip(f"no provider {provider!r} for latent_step")
+    old_donated = _set_donated_buffers(False) if provider == "compile" else None
+    out = step(mu, lv, mask)  # also triggers compilation outside the timed region
+    # The training loss uses z_J, z and the KLs (mu_J and lv_J only through the KLs).
+    used = (out.z_J, out.z, out.kl_prior, out.kl_experts)
+    grads = [torch.randn(t.shape, generator=gd, device=device).to(t.dtype) for t in used]
+    torch.autograd.grad(used, (mu, lv), grads)  # compile / warm the backward too
+    del out, used
+
+    if case.mode == "fwd":
+        def fn():
+            return step(mu, lv, mask)
+    elif case.mode == "bwd":
+        out = step(mu, lv, mask)
+        used = (out.z_J, out.z, out.kl_prior, out.kl_experts)
+
+        def fn():
+            return torch.autograd.grad(used, (mu, lv), grads, retain_graph=True)
+    else:
+        def fn():
+            o = step(mu, lv, mask)
+            return torch.autograd.grad((o.z_J, o.z, o.kl_prior, o.kl_experts), (mu, lv), grads)
+    if old_donated is not None:
+        fn.cleanup = lambda: _set_donated_buffers(old_donated)  # type: ignore[attr-defined]
+    return fn
+
+
+
+register_bench(BenchSpec(
+    name="latent_step", modes=("fwd", "bwd", "full"), providers=("eager", "fused", "compile"),
+    cases=_latent_cases, build=lambda case, provider, device, quick: (_build_latent(case, provider, device), None),
+    uses=("latent_step",), skip=_latent_skip,
+    nbytes=lambda c: latent_step_bytes(c.M, c.B, c.D, c.mode, dtype_of(c.dtype).itemsize),
+    bytes_formula=LATENT_BYTES_FORMULA,
+))
+
+
+# --------------------------------------------------------------------------------------------------- joint_nll
+def _nll_cases(device, quick, smoke, dtype):
+    if smoke:
+        nll = [dict(n=4, K=20)]
+    else:
+        nll = [dict(n=1000, K=1000)] if device.type == "cuda" else [dict(n=64, K=1000)]
+    return [Case("joint_nll", "eval", NLL_M, p["n"], NLL_LATENT, "float32",
+                 {"n": p["n"], "K": p["K"], "features": NLL_FEATURES}) for p in nll]
+
+
+def _nll_skip(case: Case, provider: str, device: torch.device, quick: bool) -> Optional[str]:
+    if quick and device.type == "cpu" and provider == "eager" and multivae_unavailable() is None:
+        return ("quick run on a CPU: the eager NLL (MultiVae's per-point loop on our model) is measured in the full "
+                "suite; the peer here is multivae")
+    if provider == "compile":
+        return ("no compile provider for joint_nll: compute_joint_nll loops over sample chunks in Python, "
+                "compiling it would unroll that loop; the peers are multivae and eager")
+    return None
+
+
+def _nll_inputs(case: Case, device, g):
+    n, F = case.params["n"], case.params.get("features", NLL_FEATURES)
+    return {f"m{i}": torch.rand(n, F, generator=g).to(device) for i in range(case.M)}
+
+
+def _build_nll(case: Case, provider: str, device: torch.device):
+    CRMVAE, CRMVAEConfig = _model_api()
+    M, D, K = case.M, case.D, case.params["K"]
+    F = case.params.get("features", NLL_FEATURES)
+    cfg = CRMVAEConfig(n_modalities=M, latent_dim=D, input_dims={f"m{i}": (F,) for i in range(M)})
+    torch.manual_seed(0)
+    model = CRMVAE(cfg, fast_kernels=(provider == "fused"))  # same seed: same weights for every provider
+    data = _nll_inputs(case, device, torch.Generator().manual_seed(1))
+    note = None
+    if provider == "multivae":
+        from multivae.data.datasets.base import MultimodalBaseDataset
+        from multivae.models import CRMVAE as MVCRMVAE, CRMVAEConfig as MVConfig
+
+        mv = MVCRMVAE(MVConfig(n_modalities=M, latent_dim=D, input_dims={f"m{i}": (F,) for i in range(M)}))
+        try:
+            mv.load_state_dict(model.state_dict())
+        except Exception as exc:
+            raise Skip(f"the state_dict does not load into MultiVae's CRMVAE: {exc}") from exc
+        mv = mv.to(device)
+        n = case.params["n"]
+        if device.type == "cuda" and n > GPU_MULTIVAE_NLL_POINTS:
+            sub = GPU_MULTIVAE_NLL_POINTS
+            note = (f"MultiVae timed once on the first {sub} of {n} points and scaled by {n}/{sub} "
+                    "(its Python loop over points is linear in n)")
+            inputs = MultimodalBaseDataset(data={m: x[:sub] for m, x in data.items()})
+            scale = n / sub
+        else:
+            inputs = MultimodalBaseDataset(data=data)
+            scale = 1.0
+        mv.compute_joint_nll(MultimodalBaseDataset(data={m: x[:2] for m, x in data.items()}), K=K)  # warm-up
+
+        def fn():
+            return mv.compute_joint_nll(inputs, K=K, batch_size_K=100)
+
+        fn.scale = scale  # type: ignore[attr-defined]
+        fn.single_run = device.type == "cuda"  # type: ignore[attr-defined]
+        return fn, note
+    model = model.to(device)
+    inputs = {"data": data}
+
+    def fn():
+        return model.compute_joint_nll(inputs, K=K, batch_size_K=100)
+
+    fn()  # warm-up
+    return fn, note
+
+
+register_bench(BenchSpec(
+    name="joint_nll", modes=("eval",), providers=("eager", "fused", "compile", "multivae"),
+    cases=_nll_cases, build=lambda case, provider, device, quick: _build_nll(case, provider, device),
+    uses=("iw_logsumexp",), skip=_nll_skip,
+    bytes_formula={"eval": "not reported: matmul-bound (decoders / MLP), bytes do not bound it"},
+    baselines=("multivae", "eager"), heavy=True, x_axis="n", target=lambda c: True,
+))
+
+
+# -------------------------------------------------------------------------------------------------- train_step
+def _train_cases(device, quick, smoke, dtype):
+    sizes = _sweep(device, quick, smoke, [(2, 256, 32)], [(2, 256, 32), TARGET])
+    return [Case("train_step", "step", M, B, D, dtype, {"features": TRAIN_FEATURES}) for (M, B, D) in sizes]
+
+
+def _train_skip(case: Case, provider: str, device: torch.device, quick: bool) -> Optional[str]:
+    if provider == "compile":
+        if quick and device.type == "cpu":
+            return "quick run on a CPU: compiling the whole train step takes tens of seconds"
+        if device.type == "cuda" and (case.M, case.B, case.D) not in GPU_COMPILE_TRAIN_SIZES:
+            return ("compile of the whole train step measured on GPU only at M,B,D in "
+                    f"{list(GPU_COMPILE_TRAIN_SIZES)} (tens of seconds of compilation per shape)")
+    if device.type == "cpu" and case.M * case.B > CPU_MAX_TRAIN_ROWS:
+        return f"M*B = {case.M * case.B} > {CPU_MAX_TRAIN_ROWS}: MLP step too slow for a CPU run"
+    return None
+
+
+def _model_api():
+    try:
+        from .. import CRMVAE, CRMVAEConfig
+    except Exception as exc:
+        raise Skip(f"crmvae_fast.CRMVAE is not importable: {exc!r}") from exc
+    return CRMVAE, CRMVAEConfig
+
+
+def _random_batch(M: int, B: int, F: int, device, g: torch.Generator, missing: float = 0.2) -> dict:
+    mask = _random_mask(M, B, "cpu", g, missing)
+    data = {f"m{i}": torch.rand(B, F, generator=g).to(device) for i in range(M)}
+    return {"data": data, "masks": {f"m{i}": mask[i].to(device) for i in range(M)}}
+
+
+def _build_train(case: Case, provider: str, device: torch.device):
+    CRMVAE, CRMVAEConfig = _model_api()
+    M, B, D, F = case.M, case.B, case.D, case.params.get("features", TRAIN_FEATURES)
+    cfg = CRMVAEConfig(n_modalities=M, latent_dim=D, input_dims={f"m{i}": (F,) for i in range(M)})
+    torch.manual_seed(0)
+    model = CRMVAE(cfg, fast_kernels=(provider == "fused")).to(device)
+    if case.dtype != "float32":
+        raise Skip("train_step is measured in float32 only")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = _random_batch(M, B, F, device, torch.Generator().manual_seed(0))
+    call = _compiled(model) if provider == "compile" else model
+
+    def fn():
+        opt.zero_grad(set_to_none=True)
+        out = call(batch)
+        out["loss"].backward()
+        opt.step()
+        return out["loss"]
+
+    fn()  # warm-up (and compilation) outside the timed region
+    return fn
+
+
+
+register_bench(BenchSpec(
+    name="train_step", modes=("step",), providers=("eager", "fused", "compile"),
+    cases=_train_cases, build=lambda case, provider, device, quick: (_build_train(case, provider, device), None),
+    uses=("latent_step",), skip=_train_skip,
+    bytes_formula={"step": "not reported: matmul-bound (decoders / MLP), bytes do not bound it"},
+    heavy=True,
+))
+
+#: The benchmarked ops and their modes, in run order (snapshots of :data:`SPECS`).
+OPS = tuple(SPECS)
+MODES = {name: spec.modes for name, spec in SPECS.items()}
