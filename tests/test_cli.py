@@ -191,3 +191,49 @@ def test_make_table_without_gpu_rows(tmp_path):
                        env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
     assert r.returncode == 0, r.stderr
     assert "not been measured on a GPU yet" in r.stdout
+
+
+def test_no_speedup_between_rows_of_the_same_backend():
+    # On a CPU without the interpreter the fused latent step runs its eager twin: the fused row ran the same
+    # backend as the eager baseline, so it gets no speed-up (the table says why) instead of a meaningless one.
+    env = {"run_id": "r", "date": "2026-01-01T00:00:00+00:00"}
+    case = bench.Case("latent_step", "fwd", 2, 8, 4)
+    dev = torch.device("cpu")
+    rows = [bench.make_row(env, case, "eager", dev, stats=bench.summarize([2.0])),
+            bench.make_row(env, case, "fused", dev, stats=bench.summarize([1.9]))]
+    rows[1]["backend"] = "eager"  # as backend_of says where Triton cannot take CPU tensors
+    bench.attach_speedups(rows)
+    assert rows[0]["speedup"] == pytest.approx(1.0)
+    assert rows[1]["speedup"] is None and rows[1]["baseline"] == "eager"
+    assert "same backend" in rows[1]["note"]
+    table = bench.format_table(rows)
+    fused_line = next(ln for ln in table.splitlines() if "  fused  " in ln)
+    assert "same backend as eager" in fused_line and "x vs eager" not in fused_line
+
+
+def test_bench_cli_prints_no_speedup_for_the_eager_fallback(tmp_path):
+    # The whole CLI in a process without TRITON_INTERPRET (as a newcomer runs it on a laptop), results to the
+    # default place: ./crmvae_fast_bench/results.jsonl in the working directory, not the package checkout.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), TRITON_INTERPRET="0",
+               CUDA_VISIBLE_DEVICES="")
+    env.pop("CRMVAE_BENCH_JSON", None)
+    r = subprocess.run([sys.executable, "-m", "crmvae_fast", "bench", "--smoke", "--ops", "latent_step",
+                        "--providers", "eager,fused", "--no-plot", "--quiet"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    path = tmp_path / "crmvae_fast_bench" / "results.jsonl"
+    assert path.exists(), r.stdout
+    rows = bench.read_rows(str(path))
+    fused = [x for x in rows if x["provider"] == "fused"]
+    assert len(fused) == 3 and all(x["backend"] == "eager" and x["speedup"] is None for x in fused)
+    assert "x vs eager" not in "\n".join(ln for ln in r.stdout.splitlines() if " fused " in ln)
+    assert "same backend as eager" in r.stdout
+    assert str(path) in r.stdout
+
+
+def test_default_results_path_is_outside_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv("CRMVAE_BENCH_JSON", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert bench.default_results_path() == str(tmp_path / "crmvae_fast_bench" / "results.jsonl")
+    monkeypatch.setenv("CRMVAE_BENCH_JSON", str(tmp_path / "x.jsonl"))
+    assert bench.default_results_path() == str(tmp_path / "x.jsonl")

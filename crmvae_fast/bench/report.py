@@ -142,6 +142,8 @@ def _fmt(x, spec=".3g", none="-"):
 
 
 def _speedup_cell(r: dict) -> str:
+    if r.get("speedup") is not None and r["provider"] == r.get("baseline"):
+        return "baseline"
     if r.get("speedup") is not None:
         return f"{r['speedup']:.2f}x vs {r['baseline']}"
     if r.get("baseline") and r["provider"] != r["baseline"] and r.get("median_ms"):
