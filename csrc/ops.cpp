@@ -6,7 +6,7 @@
 //   new_max[i] = max(run_max[i], max_k log w_ik)
 //   new_sum[i] = run_sum[i] exp(run_max[i] - new_max[i]) + sum_k exp(log w_ik - new_max[i])
 // Eager twin: crmvae_fast.reference.importance_log_weights + iw_logsumexp, and the torch version of the merge
-// in crmvae_fast/ops/iw_logsumexp.py. Implementations: iw_logsumexp_cpu.cpp (CPU), iw_logsumexp_cuda.cu
+// in crmvae_fast/kernels/iw_logsumexp.py. Implementations: iw_logsumexp_cpu.cpp (CPU), iw_logsumexp_cuda.cu
 // (CUDA). The fake (meta) function is registered from Python.
 
 #include <torch/extension.h>

@@ -60,12 +60,6 @@ GPU_COMPILE_TRAIN_SIZES = ((5, 4096, 512),)
 GPU_MULTIVAE_NLL_POINTS = 50
 #: A quick CPU run compiles the latent step at this size only.
 CPU_QUICK_COMPILE_SIZE = (5, 4096, 32)
-#: (M, B, D) of the full sweep, as pytest ids.
-FULL_SIZES = [(M, B, D) for M in FULL_M for D in FULL_D for B in FULL_B]
-
-
-def size_id(size) -> str:
-    return "M{}-B{}-D{}".format(*size)
 
 
 class Skip(Exception):
