@@ -237,3 +237,29 @@ def test_default_results_path_is_outside_the_checkout(tmp_path, monkeypatch):
     assert bench.default_results_path() == str(tmp_path / "crmvae_fast_bench" / "results.jsonl")
     monkeypatch.setenv("CRMVAE_BENCH_JSON", str(tmp_path / "x.jsonl"))
     assert bench.default_results_path() == str(tmp_path / "x.jsonl")
+
+
+def test_op_bench_builds_a_spec_that_runs(monkeypatch):
+    # op_bench is the one-call BenchSpec for a new tensor op: here it wraps the latent step and its twin under a
+    # test name, and every mode of the eager and fused providers builds, runs and gives a row.
+    spec = bench.op_bench("latent_step_via_op_bench", fused="crmvae_fast.ops:latent_step",
+                          eager="crmvae_fast.bench.cases:_eager_latent_step", uses=("latent_step",))
+    monkeypatch.setitem(bench.SPECS, spec.name, spec)
+    dev = torch.device("cpu")
+    cases = spec.cases(dev, False, True, "float32")
+    assert [c.mode for c in cases] == ["fwd", "bwd", "full"] and all(c.op == spec.name for c in cases)
+    env = bench.environment(dev)
+    for case in cases:
+        for provider in ("eager", "fused"):
+            fn, _ = bench.build(case, provider, dev)
+            out = fn()
+            if case.mode == "fwd":
+                assert out.z.shape == (case.M, case.B, case.D)
+            else:
+                assert [g.shape for g in out] == [(case.M, case.B, case.D)] * 2
+                assert all(torch.isfinite(g).all() for g in out)
+    for provider in ("eager", "fused"):  # one row each through the runner (its spec found in SPECS)
+        row = bench.run_case(cases[-1], provider, dev, env, smoke=True, log=None)
+        assert row["skipped"] is None and row["median_ms"] > 0 and row["op"] == spec.name
+    assert bench.skip_reason(cases[0], "multivae", dev) == \
+        "multivae is not a provider of latent_step_via_op_bench (its providers: eager, fused, compile)"

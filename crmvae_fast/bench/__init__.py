@@ -18,8 +18,8 @@ and, on a GPU, the achieved bandwidth against the card's measured device-to-devi
 from .cases import (  # noqa: F401
     CPU_MAX_LATENT_ELEMS, CPU_MAX_TRAIN_ROWS, CPU_QUICK_COMPILE_SIZE, FULL_B, FULL_D, FULL_M, FULL_SIZES,
     GPU_COMPILE_TRAIN_SIZES, GPU_MULTIVAE_NLL_POINTS, LATENT_BYTES_FORMULA, MODES, NLL_FEATURES, NLL_LATENT, NLL_M,
-    OPS, PROVIDERS, SPECS, TARGET, TRAIN_FEATURES, BenchSpec, Case, Skip, latent_step_bytes, register_bench,
-    size_id, suite_cases,
+    OPS, PROVIDERS, SPECS, TARGET, TRAIN_FEATURES, BenchSpec, Case, Skip, latent_inputs, latent_step_bytes, op_bench,
+    register_bench, size_id, suite_cases,
 )
 from .environment import (  # noqa: F401
     DEFAULT_RESULTS, compile_unavailable, default_device, default_results_path, device_name, dtype_of, environment,

@@ -190,6 +190,76 @@ def _compiled(fn):
 
 
 
+# ------------------------------------------------------------------------------------- a spec for a tensor op
+def latent_inputs(case: Case, device: torch.device) -> tuple:
+    """``(mu, lv, mask)``: the latent step's inputs, (M, B, D) in ``case.dtype`` requiring grad and an (M, B) bool
+    mask with 20 % missing (never a sample with none observed); seeded, so every provider gets the same."""
+    g = torch.Generator().manual_seed(0)
+    gd = torch.Generator(device=device).manual_seed(0)
+    dt = dtype_of(case.dtype)
+    mu = torch.randn(case.M, case.B, case.D, generator=gd, device=device).to(dt).requires_grad_()
+    lv = (0.5 * torch.randn(case.M, case.B, case.D, generator=gd, device=device)).to(dt).requires_grad_()
+    return mu, lv, _random_mask(case.M, case.B, device, g)
+
+
+def op_bench(name: str, *, fused: str, eager: str, inputs: Callable[[Case, torch.device], tuple] = latent_inputs,
+             uses: Optional[Tuple[str, ...]] = None, nbytes: Optional[Callable[[Case], int]] = None,
+             bytes_formula: Optional[Dict[str, str]] = None, sizes=None) -> BenchSpec:
+    """A :class:`BenchSpec` for a differentiable tensor op, in one call: ``fused`` and ``eager`` are
+    ``"module:function"`` paths of the op and its twin, both called as ``fn(*inputs(case, device))``; modes
+    ``fwd``, ``bwd`` (the backward alone, graph retained) and ``full``; providers eager, fused and compile
+    (``torch.compile`` of the twin). The backward takes random upstream gradients for every floating output and
+    differentiates with respect to every input that requires grad. Sizes: the latent step's sweep (``sizes`` =
+    ``(quick_cpu, quick_gpu)`` to change the quick ones). E.g.::
+
+        register_bench(op_bench("poe", fused="crmvae_fast.ops:poe", eager="crmvae_fast.reference:poe_experts"))
+    """
+    from ..registry import resolve
+
+    quick_cpu, quick_gpu = sizes or ([(2, 256, 32), (5, 4096, 32)], [(2, 256, 32), TARGET, (5, 65536, 512)])
+
+    def cases(device, quick, smoke, dtype):
+        return [Case(name, mode, M, B, D, dtype) for (M, B, D) in _sweep(device, quick, smoke, quick_cpu, quick_gpu)
+                for mode in ("fwd", "bwd", "full")]
+
+    def build(case: Case, provider: str, device: torch.device, quick: bool):
+        args = inputs(case, device)
+        if provider == "compile":
+            step = _compiled(resolve(eager))
+        else:
+            step = resolve(fused if provider == "fused" else eager)
+        wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        gd = torch.Generator(device=device).manual_seed(1)
+
+        def used(out):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            return [t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+
+        old_donated = _set_donated_buffers(False) if provider == "compile" else None
+        first = used(step(*args))  # compiles outside the timed region
+        grads = [torch.randn(t.shape, generator=gd, device=device).to(t.dtype) for t in first]
+        torch.autograd.grad(first, wrt, grads)
+        del first
+        if case.mode == "fwd":
+            def fn():
+                return step(*args)
+        elif case.mode == "bwd":
+            kept = used(step(*args))
+
+            def fn():
+                return torch.autograd.grad(kept, wrt, grads, retain_graph=True)
+        else:
+            def fn():
+                return torch.autograd.grad(used(step(*args)), wrt, grads)
+        if old_donated is not None:
+            fn.cleanup = lambda: _set_donated_buffers(old_donated)  # type: ignore[attr-defined]
+        return fn, None
+
+    return BenchSpec(name=name, modes=("fwd", "bwd", "full"), providers=("eager", "fused", "compile"),
+                     cases=cases, build=build, uses=uses or (name,), skip=_latent_skip, nbytes=nbytes,
+                     bytes_formula=bytes_formula or {m: "not reported" for m in ("fwd", "bwd", "full")})
+
+
 # ------------------------------------------------------------------------------------------------- latent_step
 LATENT_BYTES_FORMULA = {
     "fwd": "e*(2MBD + 3BD + MBD) + MB + 4(M+1)B: reads mu,lv (2MBD) and mask (MB bytes); writes mu_J,lv_J,z_J "
