@@ -19,7 +19,8 @@ This module imports nothing of the package (the names are strings, resolved on d
 import it without a cycle.
 
 Adding an op ``foo`` (see the README's "Adding an op"): ``crmvae_fast/kernels/foo.py``, its twin in
-``crmvae_fast/reference.py``, ``tests/test_foo.py``, a ``BenchSpec`` in ``crmvae_fast/bench/cases.py``, one
+``crmvae_fast/reference.py``, ``tests/test_foo.py``, a ``BenchSpec`` in ``crmvae_fast/bench/cases.py`` (one
+``register_bench(op_bench("foo", fused="crmvae_fast.ops:foo", eager="crmvae_fast.reference:foo"))`` line), one
 :class:`OpSpec` entry below and its export in ``crmvae_fast/ops/__init__.py``, and a row of the README's API
 table.
 """
