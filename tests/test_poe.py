@@ -195,6 +195,16 @@ def test_gradcheck_float64(device, kw):
     mu.requires_grad_()
     lv.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: poe(a, b, mask, **kw), (mu, lv), fast_mode=True)
+
+
+@pytest.mark.parametrize("prior_expert,var_floor", [(False, 1e-8), (True, 0.0), (True, 0.3)])
+def test_twin_gradcheck_float64(device, prior_expert, var_floor):
+    M, B, D = 3, 2, 3
+    mu, lv = _inputs(M, B, D, device, torch.float64, seed=8)
+    mask = _random_mask(M, B, device, seed=8)
+    kw = dict(prior_expert=prior_expert, var_floor=var_floor, subsets=_all_subsets(M, device))
+    mu.requires_grad_()
+    lv.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b: reference.poe_experts(a, b, mask, **kw), (mu, lv))
 
 
