@@ -115,3 +115,48 @@ def importance_log_weights(log_px: Tensor, z: Tensor, mu_J: Tensor, lv_J: Tensor
 def iw_logsumexp(log_w: Tensor) -> Tensor:
     """``logsumexp_k log_w[:, k] - log K``: the importance-weighted log-likelihood of each point, (n,)."""
     return torch.logsumexp(log_w, dim=-1) - math.log(log_w.shape[-1])
+
+
+def poe_experts(
+    mu: Tensor,
+    lv: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    prior_expert: bool = False,
+    var_floor: float = VAR_FLOOR,
+    subsets: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Product of Gaussian experts in the log domain (eager twin of ``ops.poe``).
+
+    ``l_m = -log(exp(lv_m) + var_floor)`` (``-logaddexp``, so no expert underflows), ``L = logsumexp_m l_m`` over
+    the observed experts (``mask`` (M, B)) of each subset (``subsets`` (S, M) bool, or all experts), plus
+    ``l_0 = -log(1 + var_floor)`` of the N(0, I) expert when ``prior_expert``; ``mu_J = sum_m exp(l_m - L) mu_m``,
+    ``lv_J = -L``. An empty product is N(0, I) (``mu_J = lv_J = 0``). Returns ``(mu_J, lv_J)``, (B, D) each or
+    (S, B, D) with ``subsets``, in the input dtype.
+    """
+    ct = compute_dtype(mu.dtype)
+    w = _full_mask(mask, mu)  # (M, B)
+    sel = w[None] if subsets is None else (subsets != 0)[:, :, None] & w[None]  # (S, M, B)
+    sel = sel[..., None]  # (S, M, B, 1)
+    mu_c = torch.where(w[..., None], mu.to(ct), 0.0)
+    lv_c = torch.where(w[..., None], lv.to(ct), 0.0)
+    if var_floor > 0:
+        ell = -torch.logaddexp(lv_c, torch.tensor(math.log(var_floor), dtype=ct, device=mu.device))
+    else:
+        ell = -lv_c
+    ell = torch.where(sel, ell[None], -math.inf)  # (S, M, B, D)
+    mx = ell.amax(1)
+    if prior_expert:
+        mx = torch.clamp(mx, min=-math.log1p(var_floor))
+    ok = mx > -math.inf
+    mx = torch.where(ok, mx, 0.0).detach()  # L does not depend on the shift
+    p = torch.where(sel, torch.exp(ell - mx[:, None]), 0.0)
+    tot = p.sum(1)
+    if prior_expert:
+        tot = tot + torch.exp(-math.log1p(var_floor) - mx)
+    tot = torch.where(ok, tot, 1.0)
+    mu_J = torch.where(ok, (p * mu_c[None]).sum(1) / tot, 0.0)
+    lv_J = torch.where(ok, -(mx + torch.log(tot)), 0.0)
+    if subsets is None:
+        mu_J, lv_J = mu_J[0], lv_J[0]
+    return mu_J.to(mu.dtype), lv_J.to(mu.dtype)
