@@ -303,3 +303,14 @@ def test_fuzz_anything_either_reads_consistently_or_raises_value_or_type_error(n
     if got_masks is not None:
         assert all(w.dtype == torch.bool and w.shape == data[m].shape[:1] for m, w in got_masks.items())
         assert torch.stack(list(got_masks.values())).any(0).all()
+
+
+def test_config_takes_numpy_integers_and_refuses_bools(tmp_path):
+    """Before: numpy integers were refused as n_modalities / latent_dim, and True was taken for 1."""
+    cfg = cf.CRMVAEConfig(n_modalities=np.int64(2), latent_dim=np.int32(2), input_dims=DIMS)
+    assert type(cfg.n_modalities) is int and type(cfg.latent_dim) is int
+    cf.CRMVAE(cfg, fast_kernels=False).save(tmp_path / "m")  # the JSON writer takes them
+    assert cf.CRMVAE.load_from_folder(tmp_path / "m").latent_dim == 2
+    for bad in (True, 2.0, 0, "2"):
+        with pytest.raises(ValueError, match="n_modalities must be a positive int"):
+            cf.CRMVAEConfig(n_modalities=bad)

@@ -7,6 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crmvae_fast import _extension, reference
 from crmvae_fast.ops import iw_lse_finalize, iw_lse_init, iw_lse_update
@@ -299,3 +301,44 @@ def test_extension_is_really_used_when_required():
     assert kind in ("cpu", "cuda"), reason
     if torch.cuda.is_available():
         assert kind == "cuda", reason
+
+
+def _python_ll(vals):
+    """The documented ll of one point's log-weights, in Python floats: NaN if any is NaN, else +inf if any is
+    +inf, else -inf if all are -inf, else logsumexp - log K."""
+    if any(math.isnan(v) for v in vals):
+        return math.nan
+    if any(v == INF for v in vals):
+        return INF
+    finite = [v for v in vals if v != -INF]
+    if not finite:
+        return -INF
+    top = max(finite)
+    return top + math.log(sum(math.exp(v - top) for v in finite)) - math.log(len(vals))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 4).flatmap(lambda k: st.lists(st.lists(
+        st.one_of(st.floats(-1e4, 1e4), st.sampled_from([INF, -INF, NAN])), min_size=k, max_size=k),
+        min_size=1, max_size=4)),
+    chunk=st.integers(1, 4),
+    double=st.booleans(),
+)
+def test_property_special_log_weights(rows, chunk, double):
+    """Any mix of finite, +inf, -inf and NaN log-weights in any chunking: the eager twin and the C++ op give
+    the documented ll (float64 Python reference)."""
+    dtype = torch.float64 if double else torch.float32
+    log_px = torch.tensor(rows, dtype=dtype)
+    n, k = log_px.shape
+    z = torch.zeros(n, k, 1, dtype=dtype)
+    zeros = torch.zeros(n, 1, dtype=dtype)
+    want = [_python_ll([float(v) for v in row]) for row in log_px.double()]
+    impls = [iw_lse_update_eager] + ([_op] if _extension.has_kernel("cpu") else [])
+    for update in impls:
+        got = _chunked(update, log_px, z, zeros, zeros.clone(), chunk)
+        for g, w in zip(got.tolist(), want):
+            if math.isnan(w) or math.isinf(w):
+                assert (math.isnan(g) and math.isnan(w)) or g == w, (update, rows, g, w)
+            else:
+                assert g == pytest.approx(w, rel=1e-5, abs=1e-4), (update, rows, g, w)
