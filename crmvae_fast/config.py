@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,10 +41,11 @@ class CRMVAEConfig:
     beta: float = 2.5
 
     def __post_init__(self):
-        if not isinstance(self.n_modalities, int) or self.n_modalities < 1:
-            raise ValueError(f"n_modalities must be a positive int, got {self.n_modalities!r}")
-        if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive int, got {self.latent_dim!r}")
+        for name in ("n_modalities", "latent_dim"):  # numpy integers too, stored as int (JSON takes no np.int64)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            setattr(self, name, int(value))
         if self.input_dims is not None:
             self.input_dims = {k: tuple(int(s) for s in v) for k, v in self.input_dims.items()}
         for m, d in (self.decoders_dist or {}).items():

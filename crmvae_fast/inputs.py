@@ -7,6 +7,7 @@ plain ``{"data": ..., "masks": ...}`` dict.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Optional
 
@@ -20,14 +21,31 @@ def _get(inputs, key):
     return getattr(inputs, key, None)
 
 
+def as_count(value, name: str, hint: str = "") -> int:
+    """``value`` as a Python int >= 1: Python and numpy integers are accepted; bools, floats (even 2.0),
+    strings and tensors raise ``TypeError``, numbers below 1 ``ValueError``. ``hint`` ends both messages."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int >= 1 (a Python or numpy integer), got {value!r} of type "
+            f"{type(value).__name__}{hint}"
+        )
+    value = int(value)
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}{hint}")
+    return value
+
+
 def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_empty=True):
     """Return ``(data, masks)``: dicts over ``modalities`` (in that order) of batched tensors, ``masks`` of
     (B,) bool tensors on the data's device, or None when the inputs carry no masks.
 
     Masked entries of ``data`` are replaced by zeros (a select, so NaN and inf placeholders vanish): nothing of
-    a missing modality can reach a loss, a metric or a gradient. Raises ``ValueError`` on unknown or missing
-    modality names, differing batch sizes, masks of the wrong shape or dtype, tensors on different devices,
-    and samples with no observed modality when the masks are on the CPU.
+    a missing modality can reach a loss, a metric or a gradient. Every check runs here, before any kernel:
+    ``ValueError`` (or ``TypeError`` for a value of the wrong type) on unknown or missing modality names, masks
+    naming a modality the model lacks, differing batch sizes, an empty batch (B = 0), feature shapes that
+    differ from ``input_dims``, 0-d masks (one unbatched item) beside batched data, masks of the wrong shape,
+    dtype, values or device, tensors on different devices, and samples with no observed modality when the
+    masks are on the CPU. Only metadata is read, except for CPU masks (no host-device sync).
     """
     data = _get(inputs, "data")
     if not isinstance(data, Mapping):
@@ -42,27 +60,43 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
     unknown = [m for m in data if m not in known]
     if unknown:
         raise ValueError(f"unknown modality name(s) {unknown} in inputs.data; the model has {known}")
+    if masks is not None:
+        unknown = [m for m in masks if m not in known]
+        if unknown:
+            raise ValueError(
+                f"unknown modality name(s) {unknown} in inputs.masks; the model has {known}. "
+                "Rename or drop those masks (a mask of a modality the model lacks would be ignored)."
+            )
     if require_all:
         missing = [m for m in known if m not in data]
         if missing:
             raise ValueError(f"inputs.data lacks modality(ies) {missing}; the model needs all of {known}")
     names = [m for m in known if m in data]
+    if not names:
+        raise ValueError(f"inputs.data holds no modality; expected some of {known}")
     for m in names:
         if not isinstance(data[m], Tensor):
             raise ValueError(f"inputs.data[{m!r}] must be a torch.Tensor, got {type(data[m]).__name__}")
 
     # An unbatched item (one sample from dataset[i]) has 0-d masks or data shaped exactly like input_dims.
+    dims = {m: tuple(input_dims[m]) for m in names if input_dims is not None and m in input_dims}
     unbatched = False
-    if masks is not None and all(isinstance(masks.get(m), Tensor) and masks[m].dim() == 0 for m in names):
+    if masks is not None and all(_is_scalar(masks.get(m)) for m in names):
+        batched = [m for m in dims if tuple(data[m].shape) != dims[m] and tuple(data[m].shape[1:]) == dims[m]]
+        if batched:
+            raise ValueError(
+                f"inputs.masks are 0-d (one unbatched item) but inputs.data[{batched[0]!r}] is batched, shape "
+                f"{tuple(data[batched[0]].shape)} = (B, *input_dims); give (B,) masks for batched data"
+            )
         unbatched = True
-    elif masks is None and input_dims is not None and all(
-        tuple(data[m].shape) == tuple(input_dims[m]) for m in names
+    elif masks is None and dims and len(dims) == len(names) and all(
+        tuple(data[m].shape) == dims[m] for m in names
     ):
         unbatched = True
     if unbatched:
         data = {m: data[m].unsqueeze(0) for m in names}
         if masks is not None:
-            masks = {m: masks[m].reshape(1) for m in names}
+            masks = {m: torch.as_tensor(masks[m]).reshape(1) for m in names}
     else:
         data = {m: data[m] for m in names}
 
@@ -70,6 +104,15 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
     if len(set(sizes.values())) != 1 or None in sizes.values():
         raise ValueError(f"every modality must have the same batch size (first dim); got {sizes}")
     B = next(iter(sizes.values()))
+    if B == 0:
+        raise ValueError(f"the batch is empty (B = 0 samples in every modality, shapes "
+                         f"{ {m: tuple(data[m].shape) for m in names} }); give at least one sample")
+    for m, d in dims.items():
+        if tuple(data[m].shape[1:]) != d:
+            raise ValueError(
+                f"inputs.data[{m!r}] must have shape (B, *input_dims[{m!r}]) = (B, {', '.join(map(str, d))}) as "
+                f"in the model_config, got {tuple(data[m].shape)}; reshape the data (or fix input_dims)"
+            )
     devices = {m: data[m].device for m in names}
     if len(set(devices.values())) != 1:
         raise ValueError(f"all modalities must be on one device; got {({m: str(d) for m, d in devices.items()})}")
@@ -83,13 +126,25 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
             raise ValueError(f"inputs.masks lacks modality {m!r}; it has {list(masks)}")
         w = masks[m]
         if not isinstance(w, Tensor):
-            w = torch.as_tensor(w)
+            try:
+                w = torch.as_tensor(w)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(
+                    f"inputs.masks[{m!r}] must be a (B,) bool or float tensor, got {type(masks[m]).__name__}"
+                ) from exc
         if w.shape != (B,):
             raise ValueError(f"inputs.masks[{m!r}] must have shape ({B},) (the batch size), got {tuple(w.shape)}")
-        if w.dtype.is_complex:
+        if w.dtype.is_complex or not (w.dtype == torch.bool or w.dtype.is_floating_point or _is_int(w.dtype)):
             raise ValueError(f"inputs.masks[{m!r}] must be bool, float or integer, got {w.dtype}")
         if w.device != device and w.device.type != "cpu":
-            raise ValueError(f"inputs.masks[{m!r}] is on {w.device} but the data is on {device}")
+            raise ValueError(f"inputs.masks[{m!r}] is on {w.device} but the data is on {device}; move it there")
+        if w.dtype != torch.bool and w.device.type == "cpu" and not _compiling():
+            bad = torch.nonzero((w != 0) & (w != 1)).flatten().tolist()
+            if bad:
+                raise ValueError(
+                    f"inputs.masks[{m!r}] must hold only 0 and 1 (or be bool), got {w[bad[0]].item()!r} at "
+                    f"sample(s) {bad[:20]}; a mask says observed (1) or missing (0), it is not a weight"
+                )
         out_masks[m] = w if w.dtype == torch.bool else w != 0
 
     if check_empty and all(w.device.type == "cpu" for w in out_masks.values()) and not _compiling():
@@ -104,6 +159,17 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
     data = {m: torch.where(_bcast(out_masks[m], data[m]), data[m], torch.zeros((), dtype=data[m].dtype, device=device))
             for m in names}
     return data, out_masks
+
+
+def _is_scalar(w) -> bool:
+    """A 0-d mask: a 0-d tensor, a Python/numpy bool or number, a 0-d array (as in a hand-made item)."""
+    if isinstance(w, Tensor):
+        return w.dim() == 0
+    return isinstance(w, (bool, numbers.Number)) or getattr(w, "ndim", None) == 0  # numpy scalars, 0-d arrays
+
+
+def _is_int(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 def _bcast(w: Tensor, x: Tensor) -> Tensor:

@@ -15,7 +15,9 @@ import json
 import math
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 from copy import deepcopy
 from typing import Callable, Optional, Union
 
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from . import reference
 from .common import LatentStep, compute_dtype
 from .config import CRMVAEConfig
-from .inputs import read_inputs, stack_masks
+from .inputs import as_count, read_inputs, stack_masks
 from .likelihoods import make_log_prob, summed_log_prob
 from .nn import ModelOutput, default_decoders, default_encoders, output_field
 
@@ -127,9 +129,17 @@ class CRMVAE(nn.Module):
     def _encode_experts(self, data: dict, names) -> tuple[Tensor, Tensor]:
         """(M, B, D) means and log-variances of the experts of ``names``."""
         outs = [self.encoders[m](data[m]) for m in names]
-        mu = torch.stack([output_field(o, "embedding") for o in outs])
-        lv = torch.stack([output_field(o, "log_covariance") for o in outs])
-        return mu, lv
+        mus = [output_field(o, "embedding") for o in outs]
+        lvs = [output_field(o, "log_covariance") for o in outs]
+        expected = (next(iter(data.values())).shape[0], self.latent_dim)
+        for m, mu_m, lv_m in zip(names, mus, lvs):
+            if tuple(mu_m.shape) != expected or tuple(lv_m.shape) != expected:
+                raise ValueError(
+                    f"the encoder of {m!r} returned embedding {tuple(mu_m.shape)} and log_covariance "
+                    f"{tuple(lv_m.shape)}, expected (B, latent_dim) = {expected}; check the data's shape (0-d "
+                    "masks mark one unbatched item) or the encoder"
+                )
+        return torch.stack(mus), torch.stack(lvs)
 
     def _latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor]) -> LatentStep:
         if self.fast_kernels:
@@ -197,8 +207,7 @@ class CRMVAE(nn.Module):
         cond_mod = self._cond_mod(cond_mod)
         flatten = kwargs.pop("flatten", False)
         ignore_incomplete = kwargs.pop("ignore_incomplete", False)
-        if N < 1:
-            raise ValueError(f"N must be >= 1, got {N}")
+        N = as_count(N, "N", "; N is the number of samples per data point")
         data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, require_all=False,
                                   check_empty=False)
         missing = [m for m in cond_mod if m not in data]
@@ -265,10 +274,8 @@ class CRMVAE(nn.Module):
         modalities enter ``log p(x | z)``. ``batch_size_K`` bounds the samples decoded at once per data point;
         the answer does not depend on it.
         """
-        if not isinstance(K, int) or K < 1:
-            raise ValueError(f"K must be an int >= 1, got {K!r}")
-        if not isinstance(batch_size_K, int) or batch_size_K < 1:
-            raise ValueError(f"batch_size_K must be an int >= 1, got {batch_size_K!r}")
+        K = as_count(K, "K", "; K is the number of importance samples per data point")
+        batch_size_K = as_count(batch_size_K, "batch_size_K", "; it bounds the samples decoded at once")
         self.eval()
         names = self.modalities_name
         data, masks = read_inputs(inputs, names, self.input_dims)
@@ -340,15 +347,36 @@ class CRMVAE(nn.Module):
     # ------------------------------------------------------------------------------------------ save / load
     def save(self, dir_path: str) -> None:
         """Save in MultiVae's folder format: ``model_config.json``, ``environment.json``, ``model.pt`` and
-        ``encoders.pkl`` / ``decoders.pkl`` for custom architectures. MultiVae's ``load_from_folder`` reads it."""
-        os.makedirs(dir_path, exist_ok=True)
-        with open(os.path.join(dir_path, "environment.json"), "w", encoding="utf-8") as fp:
-            json.dump({"name": "EnvironmentConfig",
-                       "python_version": f"{sys.version_info[0]}.{sys.version_info[1]}"}, fp)
-        self.model_config.save_json(dir_path, "model_config")
-        torch.save({"model_state_dict": deepcopy(self.state_dict())}, os.path.join(dir_path, "model.pt"))
-        for archi in self.model_config.custom_architectures:
-            _pickle_module(getattr(self, archi), os.path.join(dir_path, f"{archi}.pkl"))
+        ``encoders.pkl`` / ``decoders.pkl`` for custom architectures. MultiVae's ``load_from_folder`` reads it.
+
+        Atomic: every file is first written to a temporary sibling folder; only when all are written do they
+        replace the files of ``dir_path`` (``os.replace``, one file at a time), so a save that fails half-way
+        (an encoder that cannot be pickled, a full disk) leaves the previous save as it was and loadable.
+        Other files in ``dir_path`` are left alone."""
+        dir_path = os.path.abspath(dir_path)
+        parent = os.path.dirname(dir_path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dir_path)}.saving-", dir=parent)
+        try:
+            with open(os.path.join(tmp, "environment.json"), "w", encoding="utf-8") as fp:
+                json.dump({"name": "EnvironmentConfig",
+                           "python_version": f"{sys.version_info[0]}.{sys.version_info[1]}"}, fp)
+            self.model_config.save_json(tmp, "model_config")
+            torch.save({"model_state_dict": deepcopy(self.state_dict())}, os.path.join(tmp, "model.pt"))
+            for archi in self.model_config.custom_architectures:
+                _pickle_module(getattr(self, archi), os.path.join(tmp, f"{archi}.pkl"))
+            if not os.path.exists(dir_path):
+                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved folder gets the usual mode
+                os.replace(tmp, dir_path)  # a new folder appears whole, in one rename
+                return
+            if not os.path.isdir(dir_path):
+                raise NotADirectoryError(f"cannot save into {dir_path}: it is a file, expected a folder")
+            # The config last: a reader that sees the new config also sees the new weights.
+            names = sorted(os.listdir(tmp), key=lambda f: f == "model_config.json")
+            for f in names:
+                os.replace(os.path.join(tmp, f), os.path.join(dir_path, f))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load_from_folder(cls, dir_path: str, fast_kernels: bool = True) -> "CRMVAE":
@@ -357,6 +385,7 @@ class CRMVAE(nn.Module):
         for f in ("model_config.json", "model.pt"):
             if f not in files:
                 raise FileNotFoundError(f"{dir_path} lacks {f}: not a saved CRMVAE folder")
+        _check_saved_model_name(dir_path)
         config = CRMVAEConfig.from_json_file(os.path.join(dir_path, "model_config.json"))
         weights = torch.load(os.path.join(dir_path, "model.pt"), map_location="cpu", weights_only=False)
         if "model_state_dict" not in weights:
@@ -371,6 +400,32 @@ class CRMVAE(nn.Module):
         model = cls(config, fast_kernels=fast_kernels, **archis)
         model.load_state_dict(weights["model_state_dict"])
         return model
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _check_saved_model_name(dir_path: str) -> None:
+    """Raise ``ValueError`` when ``model_config.json`` in ``dir_path`` is the config of another model (MultiVae
+    writes ``"name": "<Model>Config"``, e.g. ``"MVTCAEConfig"``) instead of failing later on its fields."""
+    path = os.path.join(dir_path, "model_config.json")
+    try:
+        with open(path, encoding="utf-8") as fp:
+            saved = json.load(fp)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}): not a saved CRMVAE folder") from exc
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a {type(saved).__name__}, expected a JSON object: not a saved CRMVAE folder")
+    name = saved.get("name", "CRMVAEConfig")
+    if name != "CRMVAEConfig":
+        model = name[: -len("Config")] if isinstance(name, str) and name.endswith("Config") else name
+        raise ValueError(
+            f"{dir_path} holds a {model} (model_config.json names {name!r}), not a CRMVAE; load it with "
+            f"multivae.models.{model}.load_from_folder, or give the folder of a saved CRMVAE"
+        )
 
 
 def _pickle_module(module: nn.Module, path: str) -> None:

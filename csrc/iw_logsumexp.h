@@ -51,12 +51,24 @@ inline void check_iw_lse_inputs(const at::Tensor& log_px, const at::Tensor& z, c
 }
 
 // Merge two (max, sum of exp(x - max)) pairs. A pair with max = -inf holds no mass (its sum is 0); two such
-// pairs merge to (-inf, 0) without computing exp(-inf - -inf) = NaN.
+// pairs merge to (-inf, 0) without computing exp(-inf - -inf) = NaN. A pair with max = +inf holds +inf mass
+// (its sum counts its +inf terms, >= 1): the merge keeps max = +inf and adds up the counts, never computing
+// exp(inf - inf) = NaN. A NaN on either side gives (NaN, NaN).
 template <typename acc_t>
 C10_HOST_DEVICE inline void lse_merge(acc_t& m, acc_t& s, acc_t m2, acc_t s2) {
+  if (m != m || m2 != m2) {  // NaN (x != x), without <cmath>'s isnan, which differs between host and device
+    m = m != m ? m : m2;
+    s = m;
+    return;
+  }
   const acc_t mx = m > m2 ? m : m2;
   if (mx == -INFINITY) {
     s = s + s2;
+    m = mx;
+    return;
+  }
+  if (mx == INFINITY) {
+    s = (m == mx ? s : static_cast<acc_t>(0)) + (m2 == mx ? s2 : static_cast<acc_t>(0));
     m = mx;
     return;
   }

@@ -57,7 +57,11 @@ void iw_lse_update_cpu_kernel(const scalar_t* __restrict__ log_px, const scalar_
       double sm = static_cast<double>(run_sum[i]);
       if (chunk_max != -INFINITY) {  // a chunk of -inf weights adds no mass (and would give exp(-inf + inf))
         double chunk_sum = 0.0;
-        for (int64_t s = 0; s < k; ++s) chunk_sum += std::exp(lw[s] - chunk_max);
+        if (chunk_max == INFINITY) {  // +inf mass: count the +inf weights rather than compute exp(inf - inf)
+          for (int64_t s = 0; s < k; ++s) chunk_sum += lw[s] == INFINITY ? 1.0 : 0.0;
+        } else {
+          for (int64_t s = 0; s < k; ++s) chunk_sum += std::exp(lw[s] - chunk_max);
+        }
         lse_merge<double>(mx, sm, chunk_max, chunk_sum);
       }
       out_max[i] = static_cast<scalar_t>(mx);

@@ -4,8 +4,11 @@ eager twin against ``reference.iw_logsumexp(reference.importance_log_weights(...
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crmvae_fast import _extension, reference
 from crmvae_fast.ops import iw_lse_finalize, iw_lse_init, iw_lse_update
@@ -187,8 +190,83 @@ def test_bad_dtypes_raise_clear_errors():
 
 
 def test_finalize_rejects_bad_K():
-    with pytest.raises(ValueError, match="K must be a positive number of samples, got K=0"):
+    with pytest.raises(ValueError, match="K must be an int >= 1, got 0"):
         iw_lse_finalize(*iw_lse_init(2), 0)
+    for bad in (2.5, 2.0, True, "2"):  # before: K=2.5 silently used 2
+        with pytest.raises(TypeError, match=r"iw_lse_finalize: K must be an int >= 1 \(a Python or numpy integer\)"):
+            iw_lse_finalize(*iw_lse_init(2), bad)
+    torch.testing.assert_close(iw_lse_finalize(torch.zeros(1), torch.ones(1), np.int64(4)), -torch.tensor([math.log(4)]))
+
+
+# Special log-weights, one row per point: (log-weights in chunks of 2, the documented ll). +inf anywhere gives
+# +inf (before: NaN); all -inf gives -inf; NaN anywhere gives NaN, NaN winning over +inf.
+INF, NAN = math.inf, math.nan
+SPECIAL = {
+    "one_pos_inf": ([0.0, INF, -1.0, 2.0, 3.0], INF),
+    "pos_inf_first": ([INF, 0.0, 1.0], INF),
+    "pos_inf_last_chunk": ([0.0, 1.0, 2.0, 3.0, INF], INF),
+    "all_pos_inf": ([INF, INF, INF], INF),
+    "pos_and_neg_inf": ([-INF, INF, -INF], INF),
+    "all_neg_inf": ([-INF, -INF, -INF], -INF),
+    "nan": ([0.0, NAN, 1.0], NAN),
+    "nan_and_pos_inf": ([INF, 0.0, NAN], NAN),
+    "pos_inf_then_nan": ([INF, 0.0, 1.0, 2.0, NAN], NAN),
+    "nan_and_neg_inf": ([-INF, NAN, -INF], NAN),
+    "finite": ([0.0, 1.0, -2.0], None),
+}
+
+
+def _special_inputs(dtype, device):
+    """log_px holding the special values, z = mu_J = lv_J = 0 so that log w = log_px exactly; rows padded with
+    -inf (no mass) to one length."""
+    k = max(len(v) for v, _ in SPECIAL.values())
+    rows = [v + [-INF] * (k - len(v)) for v, _ in SPECIAL.values()]
+    log_px = torch.tensor(rows, dtype=dtype, device=device)
+    n = len(rows)
+    z = torch.zeros(n, k, 2, dtype=dtype, device=device)
+    zeros = torch.zeros(n, 2, dtype=dtype, device=device)
+    return log_px, z, zeros, zeros.clone()
+
+
+def _check_special(got):
+    K = max(len(v) for v, _ in SPECIAL.values())
+    for i, (name, (vals, want)) in enumerate(SPECIAL.items()):
+        g = got[i].item()
+        if want is None:
+            assert g == pytest.approx(math.log(sum(math.exp(v) for v in vals)) - math.log(K), rel=1e-6), name
+        elif math.isnan(want):
+            assert math.isnan(g), f"{name}: expected NaN, got {g}"
+        else:
+            assert g == want, f"{name}: expected {want}, got {g}"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("impl", ["eager", "cpu", "cuda"])
+def test_special_log_weights(impl, dtype, chunk, device):
+    if impl == "eager":
+        update = iw_lse_update_eager
+    else:
+        _ext_or_skip(impl)
+        update, device = _op, impl
+    got = _chunked(update, *_special_inputs(dtype, device), chunk).cpu()
+    _check_special(got)
+
+
+def test_special_log_weights_public_api(device):
+    _check_special(_chunked(iw_lse_update, *_special_inputs(torch.float32, device), 2).cpu())
+
+
+def test_pos_inf_state_is_finite_count():
+    """A +inf log-weight leaves (run_max, run_sum) = (+inf, number of +inf weights): finalize gives +inf."""
+    log_px, z, mu_J, lv_J = _special_inputs(torch.float64, "cpu")
+    impls = [iw_lse_update_eager] + ([_op] if _extension.has_kernel("cpu") else [])
+    for update in impls:
+        run_max, run_sum = update(log_px, z, mu_J, lv_J, *iw_lse_init(len(log_px), "cpu", torch.float64))
+        i = list(SPECIAL).index("all_pos_inf")
+        assert run_max[i].item() == INF and run_sum[i].item() == 3.0, update
+        i = list(SPECIAL).index("one_pos_inf")
+        assert run_max[i].item() == INF and run_sum[i].item() == 1.0, update
 
 
 def test_fallback_warns_once_and_uses_eager_twin(monkeypatch):
@@ -223,3 +301,44 @@ def test_extension_is_really_used_when_required():
     assert kind in ("cpu", "cuda"), reason
     if torch.cuda.is_available():
         assert kind == "cuda", reason
+
+
+def _python_ll(vals):
+    """The documented ll of one point's log-weights, in Python floats: NaN if any is NaN, else +inf if any is
+    +inf, else -inf if all are -inf, else logsumexp - log K."""
+    if any(math.isnan(v) for v in vals):
+        return math.nan
+    if any(v == INF for v in vals):
+        return INF
+    finite = [v for v in vals if v != -INF]
+    if not finite:
+        return -INF
+    top = max(finite)
+    return top + math.log(sum(math.exp(v - top) for v in finite)) - math.log(len(vals))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 4).flatmap(lambda k: st.lists(st.lists(
+        st.one_of(st.floats(-1e4, 1e4), st.sampled_from([INF, -INF, NAN])), min_size=k, max_size=k),
+        min_size=1, max_size=4)),
+    chunk=st.integers(1, 4),
+    double=st.booleans(),
+)
+def test_property_special_log_weights(rows, chunk, double):
+    """Any mix of finite, +inf, -inf and NaN log-weights in any chunking: the eager twin and the C++ op give
+    the documented ll (float64 Python reference)."""
+    dtype = torch.float64 if double else torch.float32
+    log_px = torch.tensor(rows, dtype=dtype)
+    n, k = log_px.shape
+    z = torch.zeros(n, k, 1, dtype=dtype)
+    zeros = torch.zeros(n, 1, dtype=dtype)
+    want = [_python_ll([float(v) for v in row]) for row in log_px.double()]
+    impls = [iw_lse_update_eager] + ([_op] if _extension.has_kernel("cpu") else [])
+    for update in impls:
+        got = _chunked(update, log_px, z, zeros, zeros.clone(), chunk)
+        for g, w in zip(got.tolist(), want):
+            if math.isnan(w) or math.isinf(w):
+                assert (math.isnan(g) and math.isnan(w)) or g == w, (update, rows, g, w)
+            else:
+                assert g == pytest.approx(w, rel=1e-5, abs=1e-4), (update, rows, g, w)

@@ -20,7 +20,8 @@ has loaded it with a kernel for the tensors' device, else :func:`iw_lse_update_e
 :func:`crmvae_fast.reference.importance_log_weights`. Evaluation only: no autograd formula is registered.
 
 A point whose log-weights are all ``-inf`` ends with ``(run_max, run_sum) = (-inf, 0)`` and ``ll = -inf``,
-never NaN; a NaN log-weight gives NaN.
+never NaN; a ``+inf`` log-weight gives ``(run_max, run_sum) = (+inf, number of +inf weights)`` and
+``ll = +inf``; a NaN log-weight gives NaN (NaN wins over +inf).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from .. import _extension, reference
 from ..common import compute_dtype
+from ..inputs import as_count
 
 OP_NAME = "crmvae_fast::iw_lse_update"
 
@@ -70,9 +72,8 @@ def iw_lse_update(
 def iw_lse_finalize(run_max: Tensor, run_sum: Tensor, K: int) -> Tensor:
     """``ll = run_max + log(run_sum) - log K``, (n,): the importance-weighted log-likelihood of each point
     after all ``K`` samples were folded in (-inf where every log-weight was -inf)."""
-    if int(K) < 1:
-        raise ValueError(f"iw_lse_finalize: K must be a positive number of samples, got K={K}")
-    return run_max + torch.log(run_sum) - math.log(int(K))
+    K = as_count(K, "iw_lse_finalize: K", "; K is the total number of samples folded in")
+    return run_max + torch.log(run_sum) - math.log(K)
 
 
 def _check_inputs(log_px: Tensor, z: Tensor, mu_J: Tensor, lv_J: Tensor, run_max: Tensor, run_sum: Tensor) -> None:
@@ -107,10 +108,15 @@ def iw_lse_update_eager(
         return run_max.clone(), run_sum.clone()
     lw = reference.importance_log_weights(log_px, z, mu_J, lv_J).to(run_max.dtype)  # (n, k)
     new_max = torch.maximum(run_max, lw.amax(dim=-1))  # NaN propagates
-    # Where every weight so far is -inf there is no mass: shift by 0 so exp(-inf - -inf) = NaN never happens.
-    shift = torch.where(new_max == -math.inf, torch.zeros_like(new_max), new_max)
+    # Where the max is infinite, shift by 0 so exp(-inf - -inf) or exp(inf - inf) = NaN never happens: with
+    # every weight -inf there is no mass (the sum stays 0); with a +inf weight the sum counts the +inf weights
+    # (>= 1), so ll = +inf.
+    infinite = torch.isinf(new_max)
+    shift = torch.where(infinite, torch.zeros_like(new_max), new_max)
     new_sum = run_sum * torch.exp(run_max - shift) + torch.exp(lw - shift[:, None]).sum(dim=-1)
-    return new_max, new_sum
+    pos_inf = new_max == math.inf
+    n_inf = torch.where(run_max == math.inf, run_sum, 0.0) + (lw == math.inf).sum(dim=-1).to(run_sum.dtype)
+    return new_max, torch.where(pos_inf, n_inf, new_sum)
 
 
 def _iw_lse_update_fake(log_px, z, mu_J, lv_J, run_max, run_sum):
