@@ -116,6 +116,15 @@ register(OpSpec(
     summary="PoE + M + 1 reparameterized samples + every KL, forward and backward in one launch each",
 ))
 register(OpSpec(
+    name="poe",
+    functions=("poe",),
+    twin="crmvae_fast.reference:poe_experts",
+    custom_ops=("crmvae_fast::poe", "crmvae_fast::poe_backward"),
+    backend="triton",
+    bench="poe",
+    summary="product of Gaussian experts in the log domain (MultiVae's poe / stable_poe, masks, subsets)",
+))
+register(OpSpec(
     name="iw_logsumexp",
     functions=("iw_lse_update", "iw_lse_init", "iw_lse_finalize"),
     twin="crmvae_fast.kernels.iw_logsumexp:iw_lse_update_eager",

@@ -531,6 +531,8 @@ register_bench(BenchSpec(
     heavy=True,
 ))
 
+register_bench(op_bench("poe", fused="crmvae_fast.ops:poe", eager="crmvae_fast.reference:poe_experts"))
+
 #: The benchmarked ops and their modes, in run order (snapshots of :data:`SPECS`).
 OPS = tuple(SPECS)
 MODES = {name: spec.modes for name, spec in SPECS.items()}
