@@ -232,6 +232,8 @@ def fully_shard_model(model: nn.Module, **fsdp_kwargs) -> nn.Module:
         raise RuntimeError("fully_shard_model needs an initialized process group: launch with torchrun and call "
                            "crmvae_fast.distributed.init_from_env() (or torch.distributed.init_process_group) first")
     sharded = fully_shard(model, **fsdp_kwargs)
-    if hasattr(sharded, "set_gradient_divide_factor"):
-        sharded.set_gradient_divide_factor(1.0)  # sum, not mean: the loss is a sum over the batch
+    # sum, not mean: the loss is a sum over the batch. A plain SUM reduce-scatter (no PREMUL_SUM, which gloo lacks).
+    if hasattr(sharded, "set_force_sum_reduction_for_comms"):
+        sharded.set_force_sum_reduction_for_comms(True)
+    sharded.set_gradient_divide_factor(1.0)
     return sharded
