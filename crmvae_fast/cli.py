@@ -8,6 +8,8 @@
   per-epoch loss and samples per second, the held-out joint NLL, and saves the model in MultiVae's folder format.
   Under ``torchrun --nproc_per_node=N -m crmvae_fast train ...`` it trains one model with DDP over N processes
   (:mod:`crmvae_fast.distributed`): each rank sees 1/N of every epoch, rank 0 prints and saves.
+* ``crmvae-fast evaluate [--model DIR] [--data PATH] [--K 1000] [--cond-mod A --gen-mod B]``: the joint (or
+  conditional) NLL of a saved model summed over a dataset; under torchrun each process takes its share.
 """
 
 from __future__ import annotations
@@ -197,10 +199,56 @@ def cmd_train(args) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from . import CRMVAE, distributed, evaluate_cond_nll, evaluate_joint_nll, synthetic
+
+    if args.k < 1 or args.batch_size_k < 1 or args.batch_size < 1 or args.n_test < 1:
+        print("error: --K, --batch-size-K, --batch-size and --n-test must be >= 1", file=sys.stderr)
+        return 2
+    if (args.cond_mod is None) != (args.gen_mod is None):
+        print("error: give both --cond-mod and --gen-mod (conditional NLL), or neither (joint NLL)", file=sys.stderr)
+        return 2
+    ctx = distributed.init_from_env(args.device)  # under torchrun each rank evaluates its block of the data
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    model = CRMVAE.load_from_folder(args.model, fast_kernels=args.fast_kernels).to(ctx.device)
+    if args.data:
+        dataset = torch.load(args.data, map_location="cpu", weights_only=False)
+        what = args.data
+    else:
+        dataset = synthetic.make_dataset(args.n_test, seed=args.seed + 1, missing_rate=0.0)
+        what = f"the synthetic held-out set ({args.n_test} samples, seed {args.seed + 1}, as train's)"
+    n = len(next(iter(dataset["data"].values()))) if isinstance(dataset, dict) else len(dataset)
+    say(f"crmvae-fast evaluate: {ctx.world_size} process{'es' if ctx.world_size > 1 else ''} on {ctx.device}, "
+        f"model {args.model}, data {what}", flush=True)
+    torch.manual_seed(args.seed + ctx.rank)
+    t0 = time.perf_counter()
+    if args.cond_mod is None:
+        nll = evaluate_joint_nll(model, dataset, K=args.k, batch_size_K=args.batch_size_k,
+                                 batch_size=args.batch_size, progress=not args.quiet)
+        say(f"joint NLL (K={args.k}): {nll / n:.4f} per sample ({nll:.2f} summed over {n}; "
+            f"{time.perf_counter() - t0:.2f} s)")
+    else:
+        if not hasattr(model, "compute_cond_nll"):
+            print("error: this version of CRMVAE has no compute_cond_nll, so no conditional NLL; "
+                  "evaluate the joint NLL (leave out --cond-mod/--gen-mod) or update crmvae_fast", file=sys.stderr)
+            return 2
+        gen = args.gen_mod.split(",")
+        nll = evaluate_cond_nll(model, dataset, args.cond_mod.split(","), gen, K=args.k,
+                                batch_size_K=args.batch_size_k, batch_size=args.batch_size, progress=not args.quiet)
+        for m, v in nll.items():
+            say(f"conditional NLL of {m} given {args.cond_mod} (K={args.k}): {v / n:.4f} per sample "
+                f"({v:.2f} summed over {n})")
+    distributed.shutdown(ctx)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crmvae-fast", description="CRMVAE with fused kernels: info, bench, train.")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench,train}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,train,evaluate}")
     sub.required = True
 
     pi = sub.add_parser("info", help="which fast paths (Triton, C++/CUDA extension) are live here")
@@ -245,6 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--nll-k", type=int, default=100, help="importance samples for the held-out NLL (default 100)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_train)
+
+    pe = sub.add_parser("evaluate", help="the joint (or conditional) NLL of a saved model over a dataset; "
+                                         "under torchrun split over the processes")
+    pe.add_argument("--model", default="crmvae_run", help="folder of a saved model (default crmvae_run)")
+    pe.add_argument("--data", default=None, help="torch.save'd dataset: {'data': ..., 'masks': ...} or a "
+                                                  "MultiVae dataset (default: the synthetic held-out set)")
+    pe.add_argument("--n-test", type=int, default=512, help="size of the synthetic held-out set (default 512)")
+    pe.add_argument("--seed", type=int, default=0, help="train's --seed: the held-out set uses seed + 1")
+    pe.add_argument("--K", dest="k", type=int, default=1000, help="importance samples per point (default 1000)")
+    pe.add_argument("--batch-size-K", dest="batch_size_k", type=int, default=100,
+                    help="samples decoded at once per point (default 100)")
+    pe.add_argument("--batch-size", type=int, default=512, help="points per call (default 512)")
+    pe.add_argument("--cond-mod", default=None, help="comma-separated conditioning modalities (conditional NLL)")
+    pe.add_argument("--gen-mod", default=None, help="comma-separated generated modalities (conditional NLL)")
+    pe.add_argument("--fast-kernels", dest="fast_kernels", action="store_true", default=True)
+    pe.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false")
+    pe.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    pe.add_argument("--quiet", action="store_true", help="no progress bar")
+    pe.set_defaults(func=cmd_evaluate)
     return p
 
 

@@ -352,7 +352,8 @@ def test_train_under_torchrun_saves_one_model_that_loads(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
            "-m", "crmvae_fast", "train", "--epochs", "1", "--n-train", "40", "--n-test", "6", "--batch-size", "8",
-           "--nll-k", "5", "--latent-dim", "4", "--out", str(out), "--quiet", "--device", "cpu"]
+           "--nll-k", "5", "--latent-dim", "4", "--out", str(out), "--quiet", "--device", "cpu",
+           "--no-fast-kernels"]  # the fused path under DDP is checked above; here the command itself
     r = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
@@ -362,3 +363,25 @@ def test_train_under_torchrun_saves_one_model_that_loads(tmp_path):
     assert sorted(os.listdir(out)) == ["environment.json", "model.pt", "model_config.json"]
     model = cf.CRMVAE.load_from_folder(str(out))
     assert model.model_config.latent_dim == 4
+
+
+def test_evaluate_command(tmp_path, capsys):
+    """``crmvae-fast evaluate`` (one process here; over ranks it is evaluate_joint_nll, checked above)."""
+    from crmvae_fast import cli
+
+    model = cf.CRMVAE(cf.CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=4)), fast_kernels=False)
+    model.save(str(tmp_path / "m"))
+    data = synthetic.make_dataset(10, seed=4, missing_rate=0.3)
+    torch.save(data, tmp_path / "data.pt")
+    args = ["evaluate", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "data.pt"), "--K", "4",
+            "--batch-size", "3", "--device", "cpu", "--quiet", "--no-fast-kernels"]
+    torch.manual_seed(0)
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "1 process on cpu" in text
+    torch.manual_seed(0)
+    want = cf.evaluate_joint_nll(model, data, K=4, batch_size=3, progress=False)
+    assert f"({want:.2f} summed over 10;" in text, (text, want)
+    if not hasattr(cf.CRMVAE, "compute_cond_nll"):
+        assert cli.main(args + ["--cond-mod", "image", "--gen-mod", "label"]) == 2
+        assert "no compute_cond_nll" in capsys.readouterr().err
