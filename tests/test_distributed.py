@@ -22,6 +22,8 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import crmvae_fast as cf
 from crmvae_fast import distributed as cf_dist
@@ -285,17 +287,21 @@ def test_multivae_trainer_distributed_on_cpu_with_the_workaround(two_ranks):
 
 
 # ------------------------------------------------------------------------------------------ single process
-def test_shard_indices_match_torch_distributed_sampler():
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), world=st.integers(1, 9), shuffle=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_shard_indices_match_torch_distributed_sampler(n, world, shuffle, seed):
+    """torch's own DistributedSampler (epoch 0) is the witness: same indices on every rank, every point covered,
+    every rank the same number of steps."""
     from torch.utils.data.distributed import DistributedSampler
 
-    for n, world, shuffle in [(10, 3, True), (7, 2, False), (5, 4, True), (2, 3, True)]:
-        parts = []
-        for r in range(world):
-            ours = cf_dist.shard_indices(n, r, world, shuffle=shuffle, seed=21).tolist()
-            theirs = list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=shuffle, seed=21))
-            assert ours == theirs, (n, world, r)
-            parts += ours
-        assert set(parts) == set(range(n))
+    parts = []
+    for r in range(world):
+        ours = cf_dist.shard_indices(n, r, world, shuffle=shuffle, seed=seed).tolist()
+        theirs = list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=shuffle, seed=seed))
+        assert ours == theirs, (n, world, r)
+        assert len(ours) == -(-n // world)
+        parts += ours
+    assert set(parts) == set(range(n))
 
 
 def test_one_process_batches_are_todays_batches():
@@ -307,10 +313,12 @@ def test_one_process_batches_are_todays_batches():
         assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["data"]["image"], b["data"]["image"])
 
 
-def test_rank_ranges_cover_every_point_once():
-    for n, world in [(7, 2), (3, 5), (100, 3)]:
-        got = [i for r in range(world) for i in cf_dist.rank_range(n, r, world)]
-        assert got == list(range(n))
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 200), world=st.integers(1, 12))
+def test_rank_ranges_cover_every_point_once(n, world):
+    blocks = [cf_dist.rank_range(n, r, world) for r in range(world)]
+    assert [i for b in blocks for i in b] == list(range(n))
+    assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
 
 
 def test_evaluate_accepts_items_and_checks_arguments():
