@@ -312,6 +312,24 @@ def test_one_process_batches_are_todays_batches():
         assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["data"]["image"], b["data"]["image"])
 
 
+def test_without_torchrun_it_is_one_process(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = cf_dist.init_from_env("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.backend, ctx.is_main, ctx.started_here) == (0, 1, None, True, False)
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
+        cf_dist.init_from_env("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without CUDA")
+def test_cuda_asked_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="CUDA is not available here; use --device cpu"):
+        cf_dist.init_from_env("cuda")
+
+
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(0, 200), world=st.integers(1, 12))
 def test_rank_ranges_cover_every_point_once(n, world):
