@@ -148,7 +148,8 @@ def cmd_train(args) -> int:
     model = CRMVAE(config, fast_kernels=args.fast_kernels).to(device)
     net = distributed.wrap_ddp(model, device) if world > 1 else model  # gradients summed over ranks
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    torch.manual_seed(args.seed + rank)  # per-rank noise; the same initial weights on every rank
+    if world > 1:
+        torch.manual_seed(args.seed + rank)  # per-rank noise; the same initial weights on every rank
     per_rank = -(-args.n_train // world)
     n_batches = -(-per_rank // args.batch_size)
     say(f"crmvae-fast train: {world} process{'es' if world > 1 else ''}"
@@ -234,6 +235,7 @@ def cmd_evaluate(args) -> int:
         if not hasattr(model, "compute_cond_nll"):
             print("error: this version of CRMVAE has no compute_cond_nll, so no conditional NLL; "
                   "evaluate the joint NLL (leave out --cond-mod/--gen-mod) or update crmvae_fast", file=sys.stderr)
+            distributed.shutdown(ctx)
             return 2
         gen = args.gen_mod.split(",")
         nll = evaluate_cond_nll(model, dataset, args.cond_mod.split(","), gen, K=args.k,
