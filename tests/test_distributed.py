@@ -18,6 +18,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -179,7 +180,14 @@ def two_ranks(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="spawn", join=True)
+    procs = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, start_method="spawn",
+                               join=False)
+    deadline = time.monotonic() + 600  # a collective that never matches would otherwise hang CI
+    while not procs.join(timeout=5):  # raises, with the child's traceback, when a rank fails
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish within 600 s: a collective that one rank never reached?")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -267,12 +275,21 @@ def test_cond_nll_sums_the_batch_means_over_ranks(two_ranks):
 @pytest.mark.skipif(not hasattr(cf.CRMVAE, "compute_cond_nll"),
                     reason="needs CRMVAE.compute_cond_nll, which issue 8 adds (the lead merges both)")
 def test_cond_nll_of_crmvae_over_ranks(two_ranks):
+    """Rank r drew with seed 12 + r on its block: one process on the same blocks with the same seeds gives the
+    same sums, and every rank returns the total."""
     values = [r["cond_crmvae"] for r in two_ranks]
     assert values[0] == values[1] and set(values[0]) == {"x1", "x2"}
     model, dataset, _ = _eval_data()
-    single = cf.evaluate_cond_nll(model, dataset, "x0", ["x1", "x2"], K=400, batch_size_K=100, progress=False)
-    for m in single:  # Monte Carlo estimates of the same sum with different draws
-        assert values[0][m] == pytest.approx(single[m], rel=0.05, abs=0.5)
+    total = {"x1": 0.0, "x2": 0.0}
+    for r in range(WORLD):
+        block = cf_dist.rank_range(N_EVAL, r, WORLD)
+        part = {"data": {m: x[block.start:block.stop] for m, x in dataset["data"].items()},
+                "masks": {m: w[block.start:block.stop] for m, w in dataset["masks"].items()}}
+        torch.manual_seed(12 + r)
+        got = cf.evaluate_cond_nll(model, part, "x0", ["x1", "x2"], K=4, batch_size_K=2, batch_size=2,
+                                   progress=False)
+        total = {m: total[m] + got[m] for m in total}
+    assert values[0] == pytest.approx(total, rel=1e-5, abs=1e-4)
 
 
 def test_multivae_trainer_distributed_on_cpu_with_the_workaround(two_ranks):
