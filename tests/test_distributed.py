@@ -6,7 +6,7 @@ the tests compare it with one process's answer, computed here:
 
 * DDP gradients (eager and fused: the Triton interpreter in the children) on each rank's block of a batch equal
   one process's gradients on the whole batch, with the noise pinned so both see the same draws; the same under
-  ``torch.compile`` of the DDP model and under FSDP2 (``fully_shard``);
+  ``torch.compile`` of the DDP model and under FSDP2 (``fully_shard``, fused);
 * ``evaluate_joint_nll`` over ranks equals the closed-form NLL of the linear-Gaussian model of test_model.py
   (every rank returns the same number), and on an FSDP2 model the unsharded model's answer;
 * MultiVae 1.0.3's ``BaseTrainer`` in its distributed mode on CPUs, with the two-line workaround of the README.
@@ -130,8 +130,8 @@ def _worker(rank, port, out_dir):
     compiled(_batch(rows)).loss.backward()
     res["compile_ddp_grads"] = _grads(model)
 
-    # FSDP2 of the whole model
-    model = _pin_noise(make_model(False), rows)
+    # FSDP2 of the whole model, fused path
+    model = _pin_noise(make_model(True), rows)
     sharded = cf_dist.fully_shard_model(model)
     sharded(_batch(rows)).loss.backward()
     res["fsdp_grads"] = _grads(model)
@@ -225,7 +225,7 @@ def test_compiled_ddp_gradients_equal_one_process(two_ranks):
 
 
 def test_fsdp2_gradients_equal_one_process(two_ranks):
-    want = _whole_batch_grads(False)
+    want = _whole_batch_grads(True)
     for r, res in enumerate(two_ranks):
         _assert_grads_equal(res["fsdp_grads"], want, f"rank {r}")
 
@@ -233,7 +233,7 @@ def test_fsdp2_gradients_equal_one_process(two_ranks):
 def test_fsdp2_evaluation_gathers_the_parameters(two_ranks):
     """evaluate_joint_nll on an FSDP2 model: each rank draws with the same seed, so the unsharded model on the
     same blocks with the same seed gives the same total."""
-    model = make_model(False)
+    model = make_model(True)
     total = 0.0
     for r in range(WORLD):
         block = cf_dist.rank_range(B, r, WORLD)
