@@ -48,6 +48,7 @@ RC=$?
 tail -n 5 "$DEST/pytest.log"
 say "pytest exit code $RC (124 = hit the time limit)"
 
+timeout 90 python benchmarks/bench_ddp.py --json "$DEST/ddp_scaling.jsonl" --budget-s 80 > "$DEST/bench_ddp.log" 2>&1; say "bench_ddp (training samples/s against the number of GPUs) exit code $? (log: bench_ddp.log)"
 T=$(( $(left) - 20 ))
 B=$(( T - 75 )); [ "$B" -lt 30 ] && B=30
 say "benchmark suite (limit ${T} s, new cases start until ${B} s)"

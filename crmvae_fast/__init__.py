@@ -5,12 +5,14 @@ Set ``TRITON_INTERPRET=1`` before importing this package to run the Triton kerne
 
 from ._backend import backend_info
 from .config import CRMVAEConfig
+from .evaluation import evaluate_cond_nll, evaluate_joint_nll
 from .model import CRMVAE
 from .nn import ModelOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["CRMVAE", "CRMVAEConfig", "ModelOutput", "backend_info", "ops", "reference", "__version__"]
+__all__ = ["CRMVAE", "CRMVAEConfig", "ModelOutput", "backend_info", "evaluate_cond_nll", "evaluate_joint_nll", "ops",
+           "reference", "__version__"]
 
 
 def __getattr__(name):

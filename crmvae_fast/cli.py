@@ -8,6 +8,10 @@
 * ``crmvae-fast train [--epochs N] [--fast-kernels/--no-fast-kernels] [--out DIR] ...``: trains CRMVAE (default
   MLP architectures) with Adam on the embedded synthetic dataset (:mod:`crmvae_fast.synthetic`), reports the
   per-epoch loss and samples per second, the held-out joint NLL, and saves the model in MultiVae's folder format.
+  Under ``torchrun --nproc_per_node=N -m crmvae_fast train ...`` it trains one model with DDP over N processes
+  (:mod:`crmvae_fast.distributed`): each rank sees 1/N of every epoch, rank 0 prints and saves.
+* ``crmvae-fast evaluate [--model DIR] [--data PATH] [--K 1000] [--cond-mod A --gen-mod B]``: the joint (or
+  conditional) NLL of a saved model summed over a dataset; under torchrun each process takes its share.
 """
 
 from __future__ import annotations
@@ -130,53 +134,118 @@ class _Progress:
 def cmd_train(args) -> int:
     import torch
 
-    from . import CRMVAE, CRMVAEConfig, synthetic
+    from . import CRMVAE, CRMVAEConfig, distributed, evaluate_joint_nll, synthetic
 
     if args.epochs < 0 or args.n_train < 1 or args.n_test < 1 or args.batch_size < 1:
         print("error: --epochs must be >= 0 and --n-train, --n-test, --batch-size >= 1", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Under torchrun: one process group (NCCL on GPUs, gloo on CPUs), GPU LOCAL_RANK per rank; else one process.
+    ctx = distributed.init_from_env(args.device)
+    device, rank, world = ctx.device, ctx.rank, ctx.world_size
+    say = print if ctx.is_main else (lambda *a, **k: None)  # only rank 0 prints
     torch.manual_seed(args.seed)
     train = synthetic.make_dataset(args.n_train, seed=args.seed, missing_rate=args.missing_rate)
     test = synthetic.make_dataset(args.n_test, seed=args.seed + 1, missing_rate=0.0)
     config = CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=args.latent_dim), beta=args.beta)
     model = CRMVAE(config, fast_kernels=args.fast_kernels).to(device)
+    net = distributed.wrap_ddp(model, device) if world > 1 else model  # gradients summed over ranks
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    n_batches = -(-args.n_train // args.batch_size)
-    print(f"crmvae-fast train: {args.n_train} train / {args.n_test} test samples of modalities "
-          f"{ {m: s for m, s in synthetic.INPUT_DIMS.items()} } ({100 * args.missing_rate:.0f}% of modalities "
-          f"missing), latent {args.latent_dim}, fast_kernels={args.fast_kernels}, device {device}")
+    if world > 1:
+        torch.manual_seed(args.seed + rank)  # per-rank noise; the same initial weights on every rank
+    per_rank = -(-args.n_train // world)
+    n_batches = -(-per_rank // args.batch_size)
+    say(f"crmvae-fast train: {world} process{'es' if world > 1 else ''}"
+        + (f" (torchrun, DistributedDataParallel over {ctx.backend}, {per_rank} samples and batches of "
+           f"{args.batch_size} per rank per epoch)" if world > 1 else " (no process group)"), flush=True)
+    say(f"crmvae-fast train: {args.n_train} train / {args.n_test} test samples of modalities "
+        f"{ {m: s for m, s in synthetic.INPUT_DIMS.items()} } ({100 * args.missing_rate:.0f}% of modalities "
+        f"missing), latent {args.latent_dim}, fast_kernels={args.fast_kernels}, device {device}")
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        bar = _Progress(n_batches, f"epoch {epoch}/{args.epochs}", enabled=not args.quiet)
+        net.train()
+        bar = _Progress(n_batches, f"epoch {epoch}/{args.epochs}", enabled=not args.quiet and ctx.is_main)
         total, seen = 0.0, 0
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        for batch in synthetic.batches(train, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch):
+        for batch in distributed.shard_batches(train, args.batch_size, rank, world, shuffle=True,
+                                               seed=args.seed * 1000 + epoch):
             batch = synthetic.to_device(batch, device)
             opt.zero_grad(set_to_none=True)
-            out = model(batch)
+            out = net(batch)
             out["loss"].backward()
             opt.step()
             b = len(batch["labels"])
             total = total + out["loss"].detach()  # summed on the device: no sync per batch
             seen += b
             bar.update(lambda: float(out["loss"].detach()) / b)
+        if world > 1:  # the epoch's loss and samples over all ranks
+            sums = distributed.all_reduce_sum(torch.stack([torch.as_tensor(total, device=device).double(),
+                                                           torch.tensor(float(seen), device=device).double()]))
+            total, seen = sums[0], int(sums[1])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         bar.close()
-        print(f"epoch {epoch}/{args.epochs}: loss/sample {float(total) / seen:.4f}, {seen / dt:.0f} samples/s "
-              f"({dt:.2f} s)", flush=True)
+        say(f"epoch {epoch}/{args.epochs}: loss/sample {float(total) / seen:.4f}, {seen / dt:.0f} samples/s "
+            f"({dt:.2f} s)", flush=True)
 
     t0 = time.perf_counter()
-    test_inputs = {"data": {m: x.to(device) for m, x in test["data"].items()}}
-    nll = float(model.compute_joint_nll(test_inputs, K=args.nll_k, batch_size_K=min(100, args.nll_k)))
-    print(f"held-out joint NLL (K={args.nll_k}): {nll / args.n_test:.4f} per sample "
-          f"({nll:.2f} summed over {args.n_test}; {time.perf_counter() - t0:.2f} s)")
-    model.save(args.out)
-    print(f"model saved to {args.out} (MultiVae folder format: CRMVAE.load_from_folder({args.out!r}))")
+    # each rank evaluates its block of the test set, the sum is all-reduced
+    nll = evaluate_joint_nll(model, test, K=args.nll_k, batch_size_K=min(100, args.nll_k),
+                             batch_size=max(1, args.n_test), progress=False)
+    say(f"held-out joint NLL (K={args.nll_k}): {nll / args.n_test:.4f} per sample "
+        f"({nll:.2f} summed over {args.n_test}; {time.perf_counter() - t0:.2f} s)")
+    if ctx.is_main:  # only rank 0 saves
+        model.save(args.out)
+    say(f"model saved to {args.out} (MultiVae folder format: CRMVAE.load_from_folder({args.out!r}))")
+    distributed.shutdown(ctx)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from . import CRMVAE, distributed, evaluate_cond_nll, evaluate_joint_nll, synthetic
+
+    if args.k < 1 or args.batch_size_k < 1 or args.batch_size < 1 or args.n_test < 1:
+        print("error: --K, --batch-size-K, --batch-size and --n-test must be >= 1", file=sys.stderr)
+        return 2
+    if (args.cond_mod is None) != (args.gen_mod is None):
+        print("error: give both --cond-mod and --gen-mod (conditional NLL), or neither (joint NLL)", file=sys.stderr)
+        return 2
+    ctx = distributed.init_from_env(args.device)  # under torchrun each rank evaluates its block of the data
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    model = CRMVAE.load_from_folder(args.model, fast_kernels=args.fast_kernels).to(ctx.device)
+    if args.data:
+        dataset = torch.load(args.data, map_location="cpu", weights_only=False)
+        what = args.data
+    else:
+        dataset = synthetic.make_dataset(args.n_test, seed=args.seed + 1, missing_rate=0.0)
+        what = f"the synthetic held-out set ({args.n_test} samples, seed {args.seed + 1}, as train's)"
+    n = len(next(iter(dataset["data"].values()))) if isinstance(dataset, dict) else len(dataset)
+    say(f"crmvae-fast evaluate: {ctx.world_size} process{'es' if ctx.world_size > 1 else ''} on {ctx.device}, "
+        f"model {args.model}, data {what}", flush=True)
+    torch.manual_seed(args.seed + ctx.rank)
+    t0 = time.perf_counter()
+    if args.cond_mod is None:
+        nll = evaluate_joint_nll(model, dataset, K=args.k, batch_size_K=args.batch_size_k,
+                                 batch_size=args.batch_size, progress=not args.quiet)
+        say(f"joint NLL (K={args.k}): {nll / n:.4f} per sample ({nll:.2f} summed over {n}; "
+            f"{time.perf_counter() - t0:.2f} s)")
+    else:
+        if not hasattr(model, "compute_cond_nll"):
+            print("error: this version of CRMVAE has no compute_cond_nll, so no conditional NLL; "
+                  "evaluate the joint NLL (leave out --cond-mod/--gen-mod) or update crmvae_fast", file=sys.stderr)
+            distributed.shutdown(ctx)
+            return 2
+        gen = args.gen_mod.split(",")
+        nll = evaluate_cond_nll(model, dataset, args.cond_mod.split(","), gen, K=args.k,
+                                batch_size_K=args.batch_size_k, batch_size=args.batch_size, progress=not args.quiet)
+        for m, v in nll.items():
+            say(f"conditional NLL of {m} given {args.cond_mod} (K={args.k}): {v / n:.4f} per sample "
+                f"({v:.2f} summed over {n})")
+    distributed.shutdown(ctx)
     return 0
 
 
@@ -193,7 +262,7 @@ def _bench_help() -> tuple:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crmvae-fast", description="CRMVAE with fused kernels: info, bench, train.")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench,train}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,train,evaluate}")
     sub.required = True
 
     pi = sub.add_parser("info", help="which fast paths (Triton, C++/CUDA extension) are live here")
@@ -240,6 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--nll-k", type=int, default=100, help="importance samples for the held-out NLL (default 100)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_train)
+
+    pe = sub.add_parser("evaluate", help="the joint (or conditional) NLL of a saved model over a dataset; "
+                                         "under torchrun split over the processes")
+    pe.add_argument("--model", default="crmvae_run", help="folder of a saved model (default crmvae_run)")
+    pe.add_argument("--data", default=None, help="torch.save'd dataset: {'data': ..., 'masks': ...} or a "
+                                                  "MultiVae dataset (default: the synthetic held-out set)")
+    pe.add_argument("--n-test", type=int, default=512, help="size of the synthetic held-out set (default 512)")
+    pe.add_argument("--seed", type=int, default=0, help="train's --seed: the held-out set uses seed + 1")
+    pe.add_argument("--K", dest="k", type=int, default=1000, help="importance samples per point (default 1000)")
+    pe.add_argument("--batch-size-K", dest="batch_size_k", type=int, default=100,
+                    help="samples decoded at once per point (default 100)")
+    pe.add_argument("--batch-size", type=int, default=512, help="points per call (default 512)")
+    pe.add_argument("--cond-mod", default=None, help="comma-separated conditioning modalities (conditional NLL)")
+    pe.add_argument("--gen-mod", default=None, help="comma-separated generated modalities (conditional NLL)")
+    pe.add_argument("--fast-kernels", dest="fast_kernels", action="store_true", default=True)
+    pe.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false")
+    pe.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    pe.add_argument("--quiet", action="store_true", help="no progress bar")
+    pe.set_defaults(func=cmd_evaluate)
     return p
 
 

@@ -125,6 +125,13 @@ class CRMVAE(nn.Module):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    @device.setter
+    def device(self, value) -> None:
+        """Ignored: the device is where the parameters are. MultiVae's ``BaseTrainer`` assigns ``model.device``."""
+
+    def update(self) -> None:
+        """Nothing to update: MultiVae's trainers call ``model.update()`` at the end of each epoch."""
+
     # --------------------------------------------------------------------------------------------- latents
     def _encode_experts(self, data: dict, names) -> tuple[Tensor, Tensor]:
         """(M, B, D) means and log-variances of the experts of ``names``."""
