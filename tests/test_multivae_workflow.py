@@ -121,7 +121,7 @@ def run_user_script(import_line, out, train, test):
 
 
 def test_a_multivae_user_script_runs_with_one_import_changed(tmp_path):
-    train, test = make_dataset(24, 1, incomplete=True), make_dataset(8, 2)
+    train, test = make_dataset(16, 1, incomplete=True), make_dataset(8, 2)
     theirs = run_user_script("from multivae.models import CRMVAE, CRMVAEConfig", tmp_path / "mv", train, test)
     ours = run_user_script("from crmvae_fast import CRMVAE, CRMVAEConfig", tmp_path / "ours", train, test)
     assert isinstance(ours["model"], cf.CRMVAE) and ours["trained"].fast_kernels  # the default, kept by the folder
@@ -180,7 +180,7 @@ def test_trainer_runs_the_fused_path_with_a_scheduler_and_callbacks(tmp_path):
     cb = Epochs()
     _, ours = make_pair(fast=True)
     cfg = trainer_config(tmp_path, epochs=2, scheduler_cls="StepLR", scheduler_params={"step_size": 1, "gamma": 0.5})
-    tr = BaseTrainer(ours, make_dataset(16, 1, True), make_dataset(8, 2), training_config=cfg, callbacks=[cb])
+    tr = BaseTrainer(ours, make_dataset(8, 1, True), make_dataset(8, 2), training_config=cfg, callbacks=[cb])
     tr.train()
     assert all({"eval_epoch_loss", "train_epoch_loss", "train_kl_img"} <= set(log) for log in cb.logged)
     assert all(math.isfinite(log["train_epoch_loss"]) for log in cb.logged) and len(cb.logged) == 2
