@@ -203,25 +203,36 @@ class TinyClassifier(nn.Module):
 
 def run_evaluators(model, test, out, sampler=None):
     from multivae.metrics import (Clustering, ClusteringConfig, CoherenceEvaluator, CoherenceEvaluatorConfig,
-                                  LikelihoodsEvaluator, LikelihoodsEvaluatorConfig, Reconstruction,
-                                  ReconstructionConfig, Visualization, VisualizationConfig)
+                                  FIDEvaluator, FIDEvaluatorConfig, LikelihoodsEvaluator, LikelihoodsEvaluatorConfig,
+                                  Reconstruction, ReconstructionConfig, Visualization, VisualizationConfig)
 
     clfs = {"img": TinyClassifier(16, 1), "vec": TinyClassifier(5, 2)}
     got = {}
     torch.manual_seed(10)
+    np.random.seed(10)  # the Gaussian mixture sampler draws from numpy
     got["likelihoods"] = LikelihoodsEvaluator(
         model, test, eval_config=LikelihoodsEvaluatorConfig(batch_size=4, num_samples=30, batch_size_k=12)).eval()
     torch.manual_seed(11)
+    np.random.seed(11)
     got["coherence"] = CoherenceEvaluator(
         model, clfs, test, eval_config=CoherenceEvaluatorConfig(batch_size=4, num_classes=N_CLASSES,
                                                                  nb_samples_for_joint=20), sampler=sampler).eval()
     torch.manual_seed(12)
+    np.random.seed(12)
     got["reconstruction"] = Reconstruction(model, test, eval_config=ReconstructionConfig(batch_size=4,
                                                                                            metric="MSE")).eval()
+    # FID with MultiVae's custom_encoders hook: tiny fixed networks instead of InceptionV3, whose weights would
+    # have to be downloaded
+    torch.manual_seed(14)
+    np.random.seed(14)
+    fid_nets = {"img": TinyClassifier(16, 3), "vec": TinyClassifier(5, 4)}
+    got["fid"] = FIDEvaluator(model, test, eval_config=FIDEvaluatorConfig(batch_size=4), sampler=sampler,
+                              custom_encoders=fid_nets).eval()
     np.random.seed(0)
     got["clustering"] = Clustering(model, test, test, eval_config=ClusteringConfig(
         batch_size=4, n_clusters=N_CLASSES, number_of_runs=2)).eval()
     torch.manual_seed(13)
+    np.random.seed(13)
     vis = Visualization(model, test, output=str(out), eval_config=VisualizationConfig(n_samples=4, n_data_cond=2))
     got["images"] = [vis.unconditional_samples(), vis.conditional_samples_subset(["img"])]
     assert os.path.exists(os.path.join(str(out), "unconditional.png"))
@@ -233,7 +244,7 @@ def test_evaluators_match_multivae(tmp_path):
     test = make_dataset(8, 2)
     theirs = run_evaluators(mv, test, tmp_path / "mv")
     got = run_evaluators(ours, test, tmp_path / "ours")
-    for name in ("likelihoods", "coherence", "reconstruction", "clustering"):
+    for name in ("likelihoods", "coherence", "reconstruction", "clustering", "fid"):
         assert list(got[name]) == list(theirs[name]), name
         for k in theirs[name]:
             torch.testing.assert_close(torch.as_tensor(got[name][k]).double(), torch.as_tensor(theirs[name][k]).double(),
@@ -264,7 +275,7 @@ def test_evaluators_and_gaussian_mixture_sampler_on_the_fused_path(tmp_path):
     theirs = run_evaluators(mv, test, tmp_path / "mv", sampler=samplers["mv"])
     # The batched joint NLL draws its samples in another order: the same estimate, other draws.
     assert got["likelihoods"].joint_likelihood == pytest.approx(float(theirs["likelihoods"].joint_likelihood), rel=0.05)
-    for name in ("coherence", "reconstruction", "clustering"):
+    for name in ("coherence", "reconstruction", "clustering", "fid"):
         for k in theirs[name]:
             torch.testing.assert_close(torch.as_tensor(got[name][k]).double(),
                                        torch.as_tensor(theirs[name][k]).double(), rtol=1e-5, atol=1e-5)
@@ -447,3 +458,22 @@ def test_the_isinstance_workaround_of_the_readme(tmp_path):
                       training_config=trainer_config(tmp_path / "patched", epochs=1, steps_predict=1))
     tr2.train()
     assert os.path.exists(os.path.join(tr2.training_dir, "recon_from_img.png"))
+
+
+# ------------------------------------------------------------------------------------- the newcomer path
+def test_readme_example_runs_as_written(tmp_path):
+    """The README's example, exactly as printed, in a fresh interpreter on a CPU-only set-up as a newcomer has it
+    (no TRITON_INTERPRET; CUDA hidden), with a check of what it printed and saved appended."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    code = readme.split("\n## Example\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    check = "\nassert device == 'cpu' and out.loss.dim() == 0 and nll.dim() == 0 and bool(nll.isfinite())\nprint('ok')\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""), CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+    assert MVCRMVAE.load_from_folder(str(tmp_path / "my_model")).latent_dim == 16
