@@ -336,6 +336,26 @@ def test_cond_nll_batched_matches_multivae_on_the_same_samples():
     assert all(math.isfinite(float(v)) for v in got.values())
 
 
+def test_importance_weight_op_on_a_zero_width_latent_is_a_plain_logsumexp():
+    """What compute_cond_nll feeds the op: with D = 0 both Gaussian terms are empty sums, so the running
+    log-sum-exp of log_px alone comes out, from the extension and from its eager twin alike."""
+    from crmvae_fast import _extension, ops
+    from crmvae_fast.kernels.iw_logsumexp import iw_lse_update_eager
+
+    g = torch.Generator().manual_seed(7)
+    log_px = torch.randn(5, 11, generator=g) * 30 - 100
+    log_px[2] = -math.inf
+    chunks = [log_px[:, :4], log_px[:, 4:5], log_px[:, 5:]]
+    updates = [iw_lse_update_eager]
+    if _extension.has_kernel("cpu"):
+        updates.append(ops.iw_lse_update)
+    for update in updates:
+        state = ops.iw_lse_init(5)
+        for c in chunks:
+            state = update(c, torch.empty(5, c.shape[1], 0), torch.empty(5, 0), torch.empty(5, 0), *state)
+        torch.testing.assert_close(ops.iw_lse_finalize(*state, 11), torch.logsumexp(log_px, 1) - math.log(11))
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["eager", "fused"])
 def test_cond_nll_closed_form_with_incomplete_data(fast):
     """A linear-Gaussian model whose experts multiply to the exact posterior: log p(x2 | observed x0, x1) is a
