@@ -146,14 +146,21 @@ class CRMVAE(nn.Module):
         lv = torch.stack([output_field(o, "log_covariance") for o in outs])
         return mu, lv
 
-    def _latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor], use_mean: bool = False) -> LatentStep:
-        # use_mean: zero noise, so the samples are the posterior means (forward(use_mean_embedding=True))
-        noise = (torch.zeros_like(mu[0]), torch.zeros_like(mu)) if use_mean else None
+    def _latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor]) -> LatentStep:
         if self.fast_kernels:
             from . import ops
 
-            return ops.latent_step(mu, lv, mask) if noise is None else ops.latent_step(mu, lv, mask, *noise)
-        return reference.latent_step(mu, lv, mask, *(noise or reference.draw_noise(mu)))
+            return ops.latent_step(mu, lv, mask)
+        return reference.latent_step(mu, lv, mask, *reference.draw_noise(mu))
+
+    def _mean_latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor]) -> LatentStep:
+        """The latent step on zero noise: every sample is its posterior mean (``use_mean_embedding=True``)."""
+        noise = (torch.zeros_like(mu[0]), torch.zeros_like(mu))
+        if self.fast_kernels:
+            from . import ops
+
+            return ops.latent_step(mu, lv, mask, *noise)
+        return reference.latent_step(mu, lv, mask, *noise)
 
     # --------------------------------------------------------------------------------------------- forward
     def forward(self, inputs, beta=None, use_mean_embedding: bool = False, **kwargs) -> ModelOutput:
@@ -170,7 +177,7 @@ class CRMVAE(nn.Module):
         data, masks = read_inputs(inputs, names, self.input_dims)
         mask = stack_masks(masks, names)
         mu, lv = self._encode_experts(data, names)
-        lat = self._latent_step(mu, lv, mask, use_mean=use_mean_embedding)
+        lat = self._mean_latent_step(mu, lv, mask) if use_mean_embedding else self._latent_step(mu, lv, mask)
         M = self.n_modalities
 
         metrics = {"joint_divergence": lat.kl_prior.mean()}
