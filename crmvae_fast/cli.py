@@ -260,8 +260,22 @@ def _bench_help() -> tuple:
     return ops, ",".join(PROVIDERS)
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Shows each option's default in ``--help`` unless its help already names it (or it has none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        flag = action.nargs == 0  # --quiet, --fast-kernels: their help says what they switch
+        if "default" in text or not action.option_strings or flag or action.default in (None, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="crmvae-fast", description="CRMVAE with fused kernels: info, bench, train.")
+    p.add_argument("--version", action="version", version=f"crmvae-fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="{info,bench,train,evaluate}")
     sub.required = True
 
@@ -291,21 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
     pb.set_defaults(func=cmd_bench)
 
     pt = sub.add_parser("train", help="train CRMVAE on the embedded synthetic dataset")
-    pt.add_argument("--epochs", type=int, default=10)
+    pt.add_argument("--epochs", type=int, default=10, help="training epochs")
     pt.add_argument("--fast-kernels", dest="fast_kernels", action="store_true", default=True,
                     help="fused kernels (default)")
     pt.add_argument("--no-fast-kernels", dest="fast_kernels", action="store_false", help="the eager reference")
     pt.add_argument("--out", default="crmvae_run", help="folder the model is saved to (default crmvae_run)")
-    pt.add_argument("--batch-size", type=int, default=128)
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    pt.add_argument("--seed", type=int, default=0, help="seed of the data, the weights and the noise")
     pt.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when present)")
     pt.add_argument("--n-train", type=int, default=4096, help="training samples (default 4096)")
     pt.add_argument("--n-test", type=int, default=512, help="held-out samples for the joint NLL (default 512)")
     pt.add_argument("--missing-rate", type=float, default=0.2,
                     help="probability that a modality of a training sample is missing (default 0.2)")
-    pt.add_argument("--latent-dim", type=int, default=8)
-    pt.add_argument("--beta", type=float, default=2.5)
-    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--latent-dim", type=int, default=8, help="latent dimension")
+    pt.add_argument("--beta", type=float, default=2.5, help="weight of the KL terms")
+    pt.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     pt.add_argument("--nll-k", type=int, default=100, help="importance samples for the held-out NLL (default 100)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_train)
@@ -328,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
     pe.set_defaults(func=cmd_evaluate)
+    for sp in (pi, pb, pt, pe):
+        sp.formatter_class = _DefaultsHelp
     return p
 
 

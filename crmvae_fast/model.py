@@ -50,7 +50,7 @@ class CRMVAE(nn.Module):
 
     def __init__(self, model_config, encoders: Optional[dict] = None, decoders: Optional[dict] = None,
                  fast_kernels: bool = True):
-        super().__init__()
+        nn.Module.__init__(self)  # not super(): a subclass may add MultiVae's BaseMultiVAE as a second base
         model_config = CRMVAEConfig.from_any(model_config)
         self.model_name = "CRMVAE"
         self.model_config = model_config
@@ -122,15 +122,23 @@ class CRMVAE(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the parameters are (the value last assigned, or the CPU, for a model without parameters)."""
         p = next(self.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
+        if p is not None:
+            return p.device
+        return self.__dict__.get("_assigned_device") or torch.device("cpu")
 
     @device.setter
     def device(self, value) -> None:
-        """Ignored: the device is where the parameters are. MultiVae's ``BaseTrainer`` assigns ``model.device``."""
+        # MultiVae's trainer, evaluators and samplers do ``model.to(d); model.device = d``. The assignment is
+        # accepted (and must name a device); moving the parameters stays the job of ``.to``.
+        try:
+            self.__dict__["_assigned_device"] = torch.device(value)
+        except (TypeError, RuntimeError) as e:
+            raise ValueError(f"model.device must name a torch device such as 'cpu' or 'cuda:0', got {value!r}") from e
 
     def update(self) -> None:
-        """Nothing to update: MultiVae's trainers call ``model.update()`` at the end of each epoch."""
+        """Called by MultiVae's trainer after each epoch; CRMVAE has nothing to update (as in MultiVae)."""
 
     # --------------------------------------------------------------------------------------------- latents
     def _encode_experts(self, data: dict, names) -> tuple[Tensor, Tensor]:
@@ -155,17 +163,31 @@ class CRMVAE(nn.Module):
             return ops.latent_step(mu, lv, mask)
         return reference.latent_step(mu, lv, mask, *reference.draw_noise(mu))
 
+    def _mean_latent_step(self, mu: Tensor, lv: Tensor, mask: Optional[Tensor]) -> LatentStep:
+        """The latent step on zero noise: every sample is its posterior mean (``use_mean_embedding=True``)."""
+        noise = (torch.zeros_like(mu[0]), torch.zeros_like(mu))
+        if self.fast_kernels:
+            from . import ops
+
+            return ops.latent_step(mu, lv, mask, *noise)
+        return reference.latent_step(mu, lv, mask, *noise)
+
     # --------------------------------------------------------------------------------------------- forward
-    def forward(self, inputs, **kwargs) -> ModelOutput:
+    def forward(self, inputs, beta=None, use_mean_embedding: bool = False, **kwargs) -> ModelOutput:
         """The CRMVAE loss (summed over the batch) and MultiVae's metrics.
 
-        Extra keyword arguments (``epoch``, ``dataset_size``, ... passed by MultiVae's trainer) are ignored.
+        ``beta`` (a float or a 0-d tensor, e.g. a per-epoch KL weight) replaces ``model_config.beta`` for this
+        call. ``use_mean_embedding=True`` reconstructs from the posterior means instead of samples (no noise is
+        drawn); the KL terms do not depend on the samples. Other keyword arguments (``epoch``,
+        ``dataset_size``, ``uses_ddp``, ``batch_ratio``, passed by MultiVae's trainer) are ignored.
         """
+        if beta is None:
+            beta = self.model_config.beta
         names = self.modalities_name
         data, masks = read_inputs(inputs, names, self.input_dims)
         mask = stack_masks(masks, names)
         mu, lv = self._encode_experts(data, names)
-        lat = self._latent_step(mu, lv, mask)
+        lat = self._mean_latent_step(mu, lv, mask) if use_mean_embedding else self._latent_step(mu, lv, mask)
         M = self.n_modalities
 
         metrics = {"joint_divergence": lat.kl_prior.mean()}
@@ -184,22 +206,22 @@ class CRMVAE(nn.Module):
                 loss_rec = loss_rec + r
                 metrics[f"recon_{m}_from_{source}"] = r.mean()
 
-        total = loss_rec / (2 * (M + 1)) + self.model_config.beta * divergence / (M + 1)
+        total = loss_rec / (2 * (M + 1)) + beta * divergence / (M + 1)
         loss = total.sum()
         return ModelOutput(loss=loss, loss_sum=loss, metrics=metrics)
 
     # ---------------------------------------------------------------------------------- encode / decode
-    def _cond_mod(self, cond_mod) -> list:
+    def _cond_mod(self, cond_mod, what: str = "cond_mod") -> list:
         if isinstance(cond_mod, str):
             if cond_mod == "all":
                 return list(self.encoders)
             if cond_mod in self.encoders:
                 return [cond_mod]
-            raise ValueError(f'cond_mod must be "all", a modality name or a list of them; got {cond_mod!r}')
+            raise ValueError(f'{what} must be "all", a modality name or a list of them; got {cond_mod!r}')
         cond_mod = list(cond_mod)
         unknown = [m for m in cond_mod if m not in self.encoders]
         if unknown or not cond_mod:
-            raise ValueError(f"cond_mod must name modalities of {list(self.encoders)}; got {cond_mod}")
+            raise ValueError(f"{what} must name modalities of {list(self.encoders)}; got {cond_mod}")
         return cond_mod
 
     def encode(self, inputs, cond_mod: Union[list, str] = "all", N: int = 1, return_mean: bool = False,
@@ -351,6 +373,112 @@ class CRMVAE(nn.Module):
             lls.append(ops.iw_lse_finalize(*state, K))
         return torch.cat(lls)
 
+    # ------------------------------------------------------------------------------------- conditional NLL
+    @torch.no_grad()
+    def compute_cond_nll(self, inputs, cond_mod=None, gen_mod=None, K: Optional[int] = None,
+                         batch_size_K: int = 100, *, subset=None, pred_mods=None, k_iwae=None) -> dict:
+        """Importance-sampled ``-log p(x_m | x_cond)`` for each ``m`` of ``gen_mod``, averaged over the points:
+        MultiVae's ``compute_cond_nll(inputs, subset, pred_mods, k_iwae=1000)``, whose names and result format
+        (a dict modality -> 0-d tensor) it also takes.
+
+        For each point, K samples ``z_k ~ q(z | x_cond)`` (the product of the experts of ``cond_mod``) and
+        ``ll_m = logsumexp_k log p(x_m | z_k) - log K``. Incomplete data is supported: the product takes the
+        observed experts of ``cond_mod`` only, and the mean for ``m`` runs over the points where ``m`` and at
+        least one modality of ``cond_mod`` are observed (MultiVae refuses incomplete inputs). With
+        ``fast_kernels=True`` the points and samples are batched (``batch_size_K`` samples decoded at once per
+        point; the answer does not depend on it) and folded by the importance-weight op; with
+        ``fast_kernels=False`` it is MultiVae's loop, draw for draw.
+        """
+        cond_mod = _alias("cond_mod", cond_mod, "subset", subset, None)
+        gen_mod = _alias("gen_mod", gen_mod, "pred_mods", pred_mods, None)
+        K = _alias("K", K, "k_iwae", k_iwae, 1000)
+        if cond_mod is None or gen_mod is None:
+            raise ValueError("compute_cond_nll needs cond_mod (alias subset) and gen_mod (alias pred_mods): "
+                             "the modalities conditioned on and the ones scored, e.g. (inputs, ['img'], ['txt'])")
+        if not isinstance(K, int) or K < 1:
+            raise ValueError(f"K (alias k_iwae) must be an int >= 1, got {K!r}")
+        if not isinstance(batch_size_K, int) or batch_size_K < 1:
+            raise ValueError(f"batch_size_K must be an int >= 1, got {batch_size_K!r}")
+        cond = self._cond_mod(cond_mod)
+        gen = self._cond_mod(gen_mod, "gen_mod")
+        self.eval()
+        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, require_all=False,
+                                  check_empty=False)
+        missing = [m for m in dict.fromkeys(cond + gen) if m not in data]
+        if missing:
+            raise ValueError(f"cond_mod and gen_mod name {missing}, which inputs.data lacks")
+        mask_c = stack_masks(masks, cond)
+        mu, lv = self._encode_experts(data, cond)
+        mu_c, lv_c = reference.poe(mu, lv, mask_c)
+        if self.fast_kernels:
+            ll = self._cond_ll_batched(data, gen, mu_c, lv_c, K, batch_size_K)
+        else:
+            ll = self._cond_ll_per_sample(data, gen, mu_c, lv_c, K)
+        out = {}
+        for j, m in enumerate(gen):
+            if masks is None:
+                out[m] = -ll[:, j].sum() / ll.shape[0]
+                continue
+            scored = masks[m] & mask_c.any(0)
+            count = int(scored.sum())
+            if count == 0:
+                raise ValueError(f"no point observes {m!r} together with one of {cond}: nothing to score for {m!r}; "
+                                 "leave it out of gen_mod or pass points that observe it")
+            out[m] = -torch.where(scored, ll[:, j], torch.zeros((), dtype=ll.dtype, device=ll.device)).sum() / count
+        return out
+
+    def _cond_ll_per_sample(self, data, gen, mu_c, lv_c, K) -> Tensor:
+        """MultiVae's algorithm: K times one (n, D) draw, decoded for all points. (n, len(gen))."""
+        lps = []
+        for _ in range(K):
+            z = mu_c + torch.empty_like(mu_c).normal_() * torch.exp(0.5 * lv_c)
+            lps.append(torch.stack([
+                summed_log_prob(self.recon_log_probs[m], output_field(self.decoders[m](z), "reconstruction"),
+                                data[m]) for m in gen], -1))
+        return torch.logsumexp(torch.stack(lps), dim=0) - math.log(K)
+
+    def _cond_ll_batched(self, data, gen, mu_c, lv_c, K, batch_size_K,
+                         noise: Optional[Callable] = None, max_rows: Optional[int] = None) -> Tensor:
+        """Blocks of points x chunks of samples (at most ``max_rows`` latents decoded at once), ``log p(x_m | z)``
+        folded into a running log-sum-exp per (point, modality) by ``ops.iw_lse_update``. (n, len(gen)).
+
+        The conditional estimator has no prior/posterior ratio. The op's log-weight is ``log_px + log N(z; 0, I)
+        - log N(z; mu, exp(lv))`` summed over the latent dims, so it is fed a zero-width latent (D = 0): both
+        Gaussian terms are empty sums, exactly 0, and the op folds ``log p(x_m | z)`` alone. ``noise`` as in
+        :meth:`_joint_ll_batched`."""
+        from . import ops
+
+        n, D = mu_c.shape
+        P = len(gen)
+        if max_rows is None:
+            max_rows = NLL_MAX_ROWS if mu_c.is_cuda else NLL_MAX_ROWS_CPU
+        kc = min(batch_size_K, K)
+        nb = max(1, min(n, max_rows // kc))
+        ct = compute_dtype(mu_c.dtype)
+        lls = []
+        for i0 in range(0, n, nb):
+            i1 = min(n, i0 + nb)
+            rows = (i1 - i0) * P
+            mu_b, std_b = mu_c[i0:i1], torch.exp(0.5 * lv_c[i0:i1])
+            no_latent = torch.empty((rows, 0), dtype=ct, device=mu_c.device)
+            state = ops.iw_lse_init(rows, device=mu_c.device, dtype=ct)
+            for k0 in range(0, K, kc):
+                k1 = min(K, k0 + kc)
+                if noise is None:
+                    eps = torch.empty((i1 - i0, k1 - k0, D), dtype=mu_c.dtype, device=mu_c.device).normal_()
+                else:
+                    eps = noise(k0, k1, i0, i1).transpose(0, 1)
+                z = (mu_b.unsqueeze(1) + eps * std_b.unsqueeze(1)).reshape(-1, D)
+                log_px = torch.stack([
+                    summed_log_prob(self.recon_log_probs[m],
+                                    output_field(self.decoders[m](z), "reconstruction").reshape(
+                                        i1 - i0, k1 - k0, *data[m].shape[1:]),
+                                    data[m][i0:i1].unsqueeze(1), n_batch_dims=2) for m in gen], 1)  # (nb, P, k)
+                z0 = torch.empty((rows, k1 - k0, 0), dtype=ct, device=mu_c.device)
+                state = ops.iw_lse_update(log_px.reshape(rows, k1 - k0), z0, no_latent, no_latent, *state)
+            lls.append(ops.iw_lse_finalize(*state, K).reshape(i1 - i0, P))
+        return torch.cat(lls)
+
     # ------------------------------------------------------------------------------------------ save / load
     def save(self, dir_path: str) -> None:
         """Save in MultiVae's folder format: ``model_config.json``, ``environment.json``, ``model.pt`` and
@@ -372,6 +500,7 @@ class CRMVAE(nn.Module):
             torch.save({"model_state_dict": deepcopy(self.state_dict())}, os.path.join(tmp, "model.pt"))
             for archi in self.model_config.custom_architectures:
                 _pickle_module(getattr(self, archi), os.path.join(tmp, f"{archi}.pkl"))
+            _save_side_file(self, tmp)
             if not os.path.exists(dir_path):
                 os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved folder gets the usual mode
                 os.replace(tmp, dir_path)  # a new folder appears whole, in one rename
@@ -386,8 +515,11 @@ class CRMVAE(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load_from_folder(cls, dir_path: str, fast_kernels: bool = True) -> "CRMVAE":
-        """Load a folder written by :meth:`save` or by MultiVae's ``CRMVAE.save``."""
+    def load_from_folder(cls, dir_path: str, fast_kernels: Optional[bool] = None) -> "CRMVAE":
+        """Load a folder written by :meth:`save` or by MultiVae's ``CRMVAE.save``. ``fast_kernels=None`` takes
+        the value saved in the folder's ``crmvae_fast.json`` (True for a folder MultiVae wrote)."""
+        if fast_kernels is None:
+            fast_kernels = _load_side_file(dir_path).get("fast_kernels", True)
         files = os.listdir(dir_path)
         for f in ("model_config.json", "model.pt"):
             if f not in files:
@@ -433,6 +565,39 @@ def _check_saved_model_name(dir_path: str) -> None:
             f"{dir_path} holds a {model} (model_config.json names {name!r}), not a CRMVAE; load it with "
             f"multivae.models.{model}.load_from_folder, or give the folder of a saved CRMVAE"
         )
+
+
+#: What a saved folder keeps of this package's own settings. MultiVae reads only model_config.json, model.pt and
+#: the .pkl files, and its config parser refuses unknown fields, so these live in a side file it never opens.
+SIDE_FILE = "crmvae_fast.json"
+
+
+def _save_side_file(model: "CRMVAE", dir_path: str) -> None:
+    from . import __version__
+
+    with open(os.path.join(dir_path, SIDE_FILE), "w", encoding="utf-8") as fp:
+        json.dump({"fast_kernels": bool(model.fast_kernels), "crmvae_fast_version": __version__}, fp)
+
+
+def _load_side_file(dir_path: str) -> dict:
+    path = os.path.join(dir_path, SIDE_FILE)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fp:
+        side = json.load(fp)
+    if not isinstance(side, dict) or not isinstance(side.get("fast_kernels", True), bool):
+        raise ValueError(f"{path} must hold a JSON object with a boolean 'fast_kernels', got {side!r}; "
+                         "delete the file or pass fast_kernels= to load_from_folder")
+    return side
+
+
+def _alias(name: str, value, alias: str, alias_value, default):
+    """One argument that also goes by MultiVae's name (``subset`` for ``cond_mod``, ...)."""
+    if value is not None and alias_value is not None:
+        raise ValueError(f"give {name} or its MultiVae name {alias}, not both")
+    if value is not None:
+        return value
+    return alias_value if alias_value is not None else default
 
 
 def _pickle_module(module: nn.Module, path: str) -> None:

@@ -14,7 +14,17 @@ from torch import nn
 
 
 class ModelOutput(dict):
-    """A dict whose keys are also attributes, like pythae's ``ModelOutput``."""
+    """A dict whose keys are also attributes, like pythae's ``ModelOutput``: ``out.loss``, ``out["loss"]``,
+    ``out[0]`` (the first field, in insertion order; slices too) and ``out.to_tuple()``."""
+
+    def __getitem__(self, k):
+        if isinstance(k, (int, slice)):
+            return self.to_tuple()[k]
+        return super().__getitem__(k)
+
+    def to_tuple(self) -> tuple:
+        """The values, in insertion order (pythae keeps None values too)."""
+        return tuple(self.values())
 
     def __getattr__(self, name):
         try:

@@ -37,6 +37,26 @@ def test_python_dash_m_help():
         assert cmd in r.stdout
 
 
+def test_version(capsys):
+    import crmvae_fast
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"crmvae-fast {crmvae_fast.__version__}"
+
+
+@pytest.mark.parametrize("command,option,default", [("train", "--epochs", "10"), ("train", "--seed", "0"),
+                                                    ("train", "--lr", "0.001"), ("train", "--batch-size", "128"),
+                                                    ("bench", "--dtype", "float32")])
+def test_help_shows_defaults(capsys, command, option, default):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    after = text.split(option, 2)[2]  # the option's help line (the first mention is the usage line)
+    assert f"(default: {default})" in after.split(" --")[0], after[:200]
+
+
 def test_no_command_is_an_error():
     with pytest.raises(SystemExit):
         cli.main([])
