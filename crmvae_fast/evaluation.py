@@ -166,6 +166,8 @@ def _cond_kwargs(method, K: int, batch_size_K: int) -> dict:
         kw = {"K": K}
         if "batch_size_K" in params:
             kw["batch_size_K"] = batch_size_K
+        if "reduction" in params:  # sums over the scored points: exact for incomplete batches too
+            kw["reduction"] = "sum"
         return kw
     if "k_iwae" in params:
         return {"k_iwae": K}
@@ -179,10 +181,12 @@ def evaluate_cond_nll(model: nn.Module, dataset, cond_mod: Union[list, str], gen
     """``-sum_i log p(x_gen,i | x_cond,i)`` over the whole ``dataset``, per generated modality: a dict
     modality -> float.
 
-    Calls ``model.compute_cond_nll(batch, cond_mod, gen_mod, K=K, batch_size_K=batch_size_K)`` (MultiVae's
-    signature ``(inputs, subset, pred_mods, k_iwae)`` is recognised too), which returns modality -> the mean NLL
-    over the batch's points; each mean times the batch's number of points is summed over batches and, under an
-    initialized process group, all-reduced over ranks, so every rank returns the same dict.
+    Calls ``model.compute_cond_nll(batch, cond_mod, gen_mod, K=K, batch_size_K=batch_size_K,
+    reduction="sum")`` on our CRMVAE: modality -> the NLL summed over the batch's points that observe it and a
+    conditioning modality (so incomplete data counts each scored point once). MultiVae's models (signature
+    ``(inputs, subset, pred_mods, k_iwae)``, complete data) return a mean, taken times the batch size. The sums
+    over batches are all-reduced over ranks under an initialized process group, so every rank returns the same
+    dict.
     """
     _check_sizes(K, batch_size_K, batch_size)
     inner = cf_dist.unwrap(model)
@@ -207,8 +211,9 @@ def evaluate_cond_nll(model: nn.Module, dataset, cond_mod: Union[list, str], gen
                 totals = torch.zeros(len(names), dtype=torch.float64, device=device)
                 if set(out) != set(names):
                     raise ValueError(f"compute_cond_nll returned modalities {list(out)}, expected {names}")
+            scale = 1 if kw.get("reduction") == "sum" else b  # a mean (MultiVae's models: complete data)
             totals += torch.stack([torch.as_tensor(out[n], device=device).to(torch.float64).reshape(())
-                                   for n in names]) * b
+                                   for n in names]) * scale
             if bar is not None:
                 bar.update(1)
     if bar is not None:

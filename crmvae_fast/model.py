@@ -376,7 +376,8 @@ class CRMVAE(nn.Module):
     # ------------------------------------------------------------------------------------- conditional NLL
     @torch.no_grad()
     def compute_cond_nll(self, inputs, cond_mod=None, gen_mod=None, K: Optional[int] = None,
-                         batch_size_K: int = 100, *, subset=None, pred_mods=None, k_iwae=None) -> dict:
+                         batch_size_K: int = 100, *, subset=None, pred_mods=None, k_iwae=None,
+                         reduction: str = "mean") -> dict:
         """Importance-sampled ``-log p(x_m | x_cond)`` for each ``m`` of ``gen_mod``, averaged over the points:
         MultiVae's ``compute_cond_nll(inputs, subset, pred_mods, k_iwae=1000)``, whose names and result format
         (a dict modality -> 0-d tensor) it also takes.
@@ -388,7 +389,12 @@ class CRMVAE(nn.Module):
         ``fast_kernels=True`` the points and samples are batched (``batch_size_K`` samples decoded at once per
         point; the answer does not depend on it) and folded by the importance-weight op; with
         ``fast_kernels=False`` it is MultiVae's loop, draw for draw.
+
+        ``reduction="sum"`` returns the sum over those points instead of the mean (0 where no point qualifies),
+        which is what a sum over a dataset of incomplete batches needs (:func:`crmvae_fast.evaluate_cond_nll`).
         """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f'reduction must be "mean" (MultiVae\'s) or "sum", got {reduction!r}')
         cond_mod = _alias("cond_mod", cond_mod, "subset", subset, None)
         gen_mod = _alias("gen_mod", gen_mod, "pred_mods", pred_mods, None)
         K = _alias("K", K, "k_iwae", k_iwae, 1000)
@@ -417,9 +423,12 @@ class CRMVAE(nn.Module):
         out = {}
         for j, m in enumerate(gen):
             if masks is None:
-                out[m] = -ll[:, j].sum() / ll.shape[0]
+                out[m] = -ll[:, j].sum() / (ll.shape[0] if reduction == "mean" else 1)
                 continue
             scored = masks[m] & mask_c.any(0)
+            if reduction == "sum":
+                out[m] = -torch.where(scored, ll[:, j], torch.zeros((), dtype=ll.dtype, device=ll.device)).sum()
+                continue
             count = int(scored.sum())
             if count == 0:
                 raise ValueError(f"no point observes {m!r} together with one of {cond}: nothing to score for {m!r}; "

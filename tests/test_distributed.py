@@ -427,3 +427,33 @@ def test_evaluate_command(tmp_path, capsys):
     if not hasattr(cf.CRMVAE, "compute_cond_nll"):
         assert cli.main(args + ["--cond-mod", "image", "--gen-mod", "label"]) == 2
         assert "no compute_cond_nll" in capsys.readouterr().err
+
+
+def test_cond_nll_sums_count_each_scored_point_once():
+    """Incomplete batches: evaluate_cond_nll adds the model's sums over the points that observe the generated
+    modality (reduction="sum"), not batch means times batch sizes; a batch where no point qualifies adds 0."""
+    model, dataset, _ = _eval_data()
+    model.eval()
+    for m in ("x1", "x2"):
+        scored = dataset["masks"][m] & dataset["masks"]["x0"]
+        torch.manual_seed(5)
+        mean = model.compute_cond_nll(dataset, "x0", [m], K=4, batch_size_K=2)[m]
+        torch.manual_seed(5)
+        total = model.compute_cond_nll(dataset, "x0", [m], K=4, batch_size_K=2, reduction="sum")[m]
+        assert float(total) == pytest.approx(float(mean) * int(scored.sum()), rel=1e-6)
+    # point 1 observes neither x1 nor x2: a batch of it alone adds 0 to a sum, and has no mean
+    lone = {"data": {k: x[1:2] for k, x in dataset["data"].items()},
+            "masks": {k: w[1:2] for k, w in dataset["masks"].items()}}
+    assert float(model.compute_cond_nll(lone, "x0", ["x1"], K=2, reduction="sum")["x1"]) == 0.0
+    with pytest.raises(ValueError, match="nothing to score"):
+        model.compute_cond_nll(lone, "x0", ["x1"], K=2)
+    # one point per batch (some with nothing to score) sums to the per-point sums drawn in the same order
+    torch.manual_seed(9)
+    got = cf.evaluate_cond_nll(model, dataset, "x0", ["x1"], K=3, batch_size_K=3, batch_size=1, progress=False)
+    torch.manual_seed(9)
+    want = 0.0
+    for i in range(N_EVAL):
+        item = {"data": {k: x[i:i + 1] for k, x in dataset["data"].items()},
+                "masks": {k: w[i:i + 1] for k, w in dataset["masks"].items()}}
+        want += float(model.compute_cond_nll(item, "x0", ["x1"], K=3, batch_size_K=3, reduction="sum")["x1"])
+    assert got["x1"] == pytest.approx(want, rel=1e-6)
