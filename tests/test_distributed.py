@@ -402,7 +402,7 @@ def test_train_under_torchrun_saves_one_model_that_loads(tmp_path):
     assert lines[0].startswith("crmvae-fast train: 2 processes"), r.stdout
     assert sum(line.startswith("epoch 1/1") for line in lines) == 1, r.stdout  # rank 0 alone prints
     assert sum("held-out joint NLL" in line for line in lines) == 1, r.stdout
-    assert sorted(os.listdir(out)) == ["environment.json", "model.pt", "model_config.json"]
+    assert sorted(os.listdir(out)) == ["crmvae_fast.json", "environment.json", "model.pt", "model_config.json"]
     model = cf.CRMVAE.load_from_folder(str(out))
     assert model.model_config.latent_dim == 4
 
