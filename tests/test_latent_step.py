@@ -98,7 +98,7 @@ def test_matches_reference(device, M, B, D):
 @pytest.mark.parametrize("M,B,D", [(5, 2, 600), (16, 3, 129), (9, 2, 512)])
 def test_matches_reference_several_d_chunks(device, M, B, D):
     """D larger than one BLOCK_D: the kernels loop over D chunks, the KL sums span them."""
-    assert D > ls_mod._blocks(M, D)[1]
+    assert D > ls_mod._tiles(B, D)[1]
     mu, lv, eps_J, eps = _inputs(M, B, D, device)
     _compare(mu, lv, _random_mask(M, B, device), eps_J, eps, _upstream(M, B, D, device, torch.float32))
 
