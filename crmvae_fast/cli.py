@@ -6,6 +6,9 @@
 * ``crmvae-fast train [--epochs N] [--fast-kernels/--no-fast-kernels] [--out DIR] ...``: trains CRMVAE (default
   MLP architectures) with Adam on the embedded synthetic dataset (:mod:`crmvae_fast.synthetic`), reports the
   per-epoch loss and samples per second, the held-out joint NLL, and saves the model in MultiVae's folder format.
+* ``crmvae-fast kernels [--M 5 --B 4096 --D 512 --dtype float32]``: a static report on the latent step's Triton
+  kernels from their sm_90 cubin, no GPU needed (:mod:`crmvae_fast.kernel_report`): registers, spills,
+  occupancy, SASS warp-instructions per element and the modelled issue time against memory time.
 """
 
 from __future__ import annotations
@@ -178,10 +181,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- kernels
+def cmd_kernels(args) -> int:
+    from . import kernel_report
+
+    if min(args.M, args.B, args.D) < 1:
+        print(f"error: --M, --B and --D must be >= 1, got M={args.M} B={args.B} D={args.D}", file=sys.stderr)
+        return 2
+    return kernel_report.main(args.M, args.B, args.D, args.dtype, as_json=args.json)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crmvae-fast", description="CRMVAE with fused kernels: info, bench, train.")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench,train}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,train,kernels}")
     sub.required = True
 
     pi = sub.add_parser("info", help="which fast paths (Triton, C++/CUDA extension) are live here")
@@ -226,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--nll-k", type=int, default=100, help="importance samples for the held-out NLL (default 100)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     pt.set_defaults(func=cmd_train)
+
+    pk = sub.add_parser("kernels", help="static report on the latent step's Triton kernels (sm_90 cubin, no GPU)")
+    pk.add_argument("--M", type=int, default=5, help="modalities (default 5)")
+    pk.add_argument("--B", type=int, default=4096, help="batch size (default 4096)")
+    pk.add_argument("--D", type=int, default=512, help="latent dimensions (default 512)")
+    pk.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    pk.add_argument("--json", action="store_true", help="print the rows as JSON")
+    pk.set_defaults(func=cmd_kernels)
     return p
 
 
