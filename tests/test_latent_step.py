@@ -409,7 +409,8 @@ LV_EXTREMES = [-80.0, -30.0, -18.4, -5.0, 0.0, 5.0, 30.0, 45.0, 88.0, 89.0, 100.
 
 
 @needs_kernels
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                     HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_extreme_log_variances_against_float64(device, data):
     """Experts from lv = -80 to +300 (mixed in one sample too): the fused float32 op and the eager twin are within
@@ -478,7 +479,7 @@ def test_two_experts_far_apart_exact_backward(device):
 
 
 @needs_kernels
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(M=st.integers(1, 4), B=st.integers(1, 5), D=st.integers(1, 40), seed=st.integers(0, 1000),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), masked=st.booleans())
 def test_property_fused_matches_eager_twin(device, M, B, D, seed, dtype, masked):

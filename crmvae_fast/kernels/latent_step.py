@@ -21,7 +21,8 @@ lv = 89, which used to turn the joint into the prior) and no gradient overflows 
     lv_J = a_p - log S                           (= -log P, a log-sum-exp)
     delta = sum_m t_m (mu_m - mu_p) / S          mu_J = mu_p + delta
     diff_m = mu_J - mu_m = (mu_p - mu_m) + delta (exact for the pivot: no cancellation of mu_J - mu_p)
-    q_m = diff_m exp(-lv_m / 2)                  f(x) = exp(x) - 1 - x  (a series for |x| < 1/8)
+    q_m = diff_m exp(-lv_m / 2)                  f(x) = exp(x) - 1 - x  (a series for |x| < 1/8; the kernels
+                                                 form 0.5 f(x) as exp(x - ln 2) - 0.5 - 0.5 x, finite to 89.4)
     KL_0 = 0.5 sum_d (f(lv_J) + mu_J^2)          KL_m = w_m 0.5 sum_d (f(lv_J - lv_m) + q_m^2)
 
 A sample with no observed modality gets mu_J = lv_J = 0 (the prior), and no gradient flows through its joint,
@@ -185,17 +186,18 @@ def _randn4x(seed, off, FAST: tl.constexpr):
 
 
 @triton.jit
-def _expm1(x):
-    """``exp(x) - 1`` with no cancellation near 0 (degree-6 series for |x| < 1/8)."""
-    p = x * (1.0 + x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720))))))
-    return tl.where(tl.abs(x) < 0.125, p, tl.exp(x) - 1.0)
+def _half_expm1(x):
+    """``0.5 (exp(x) - 1)`` with no cancellation near 0 (degree-6 series for |x| < 1/8), finite up to
+    x = 89.4 (``exp(x - ln 2)``: the half fits in float32 where exp(x) alone would not)."""
+    p = x * (0.5 + x * (0.25 + x * (1.0 / 12 + x * (1.0 / 48 + x * (1.0 / 240 + x * (1.0 / 1440))))))
+    return tl.where(tl.abs(x) < 0.125, p, tl.exp(x - 0.6931471805599453) - 0.5)
 
 
 @triton.jit
-def _exp_m1_mx(x):
-    """``exp(x) - 1 - x`` (>= 0) with no cancellation near 0 (series for |x| < 1/8)."""
-    p = x * x * (0.5 + x * (1.0 / 6 + x * (1.0 / 24 + x * (1.0 / 120 + x * (1.0 / 720)))))
-    return tl.where(tl.abs(x) < 0.125, p, tl.exp(x) - 1.0 - x)
+def _half_exp_m1_mx(x):
+    """``0.5 (exp(x) - 1 - x)`` (>= 0) with no cancellation near 0 (series for |x| < 1/8), finite up to 89.4."""
+    p = x * x * (0.25 + x * (1.0 / 12 + x * (1.0 / 48 + x * (1.0 / 240 + x * (1.0 / 1440)))))
+    return tl.where(tl.abs(x) < 0.125, p, tl.exp(x - 0.6931471805599453) - 0.5 - 0.5 * x)
 
 
 @triton.jit
@@ -286,7 +288,7 @@ def _latent_step_fwd_kernel(
         tl.store(muJ_ptr + off, mu_J.to(muJ_ptr.dtype.element_ty), mask=ok)
         tl.store(lvJ_ptr + off, lv_J.to(lvJ_ptr.dtype.element_ty), mask=ok)
         tl.store(zJ_ptr + off, z_J.to(zJ_ptr.dtype.element_ty), mask=ok)
-        kl0_acc += tl.where(ok, 0.5 * (_exp_m1_mx(lv_J) + mu_J * mu_J), 0.0)
+        kl0_acc += tl.where(ok, _half_exp_m1_mx(lv_J) + 0.5 * mu_J * mu_J, 0.0)
         for m in tl.static_range(M):  # pass 3: z_m and KL_m
             if DRAW:
                 if (m + 1) % 4 == 0:
@@ -302,7 +304,7 @@ def _latent_step_fwd_kernel(
             mu_c = tl.where(obs, mu, 0.0)
             lv_c = tl.where(obs, lv, 0.0)
             q = ((mu_p - mu_c) + delta) * tl.exp(-0.5 * lv_c)
-            term = tl.where(obs, 0.5 * (_exp_m1_mx(lv_J - lv_c) + q * q), 0.0)
+            term = tl.where(obs, _half_exp_m1_mx(lv_J - lv_c) + 0.5 * q * q, 0.0)
             klm_acc += tl.where(offs_m[:, None] == m, tl.sum(term, axis=1)[None, :], 0.0)
     tl.store(kl0_ptr + offs_b, tl.sum(kl0_acc, axis=1).to(kl0_ptr.dtype.element_ty), mask=okb)
     tl.store(klm_ptr + offs_m[:, None] * B + offs_b[None, :], klm_acc.to(klm_ptr.dtype.element_ty),
@@ -363,7 +365,7 @@ def _latent_step_bwd_kernel(
             G_lv += g_zJ * 0.5 * tl.exp(0.5 * lv_J) * eps_J
         if HAS_GKL0:
             G_mu += g_kl0[:, None] * mu_J
-            G_lv += g_kl0[:, None] * 0.5 * _expm1(lv_J)
+            G_lv += g_kl0[:, None] * _half_expm1(lv_J)
         if HAS_GKLM:
             for m in tl.static_range(M):  # pass 3: the KL_m part of G (needs mu_J, lv_J)
                 obs = _observed(w_ptr, m, offs_b, okb, ok, stride_wm, stride_wb, HAS_MASK)
@@ -373,7 +375,7 @@ def _latent_step_bwd_kernel(
                 isd = tl.exp(-0.5 * lv)
                 q = ((mu_p - mu) + delta) * isd
                 G_mu += tl.where(obs, gk * q * isd, 0.0)
-                G_lv += tl.where(obs, gk * 0.5 * _expm1(lv_J - lv), 0.0)
+                G_lv += tl.where(obs, gk * _half_expm1(lv_J - lv), 0.0)
         G_mu = tl.where(any_obs, G_mu, 0.0)  # no observed modality: the joint is a constant
         G_lv = tl.where(any_obs, G_lv, 0.0)
         for m in tl.static_range(M):  # pass 4: d mu_m, d lv_m
@@ -393,7 +395,7 @@ def _latent_step_bwd_kernel(
                 isd = tl.exp(-0.5 * lv_c)
                 q = diff * isd
                 dmu -= gk * q * isd
-                dlv -= gk * 0.5 * (_expm1(lv_J - lv_c) + q * q)
+                dlv -= gk * (_half_expm1(lv_J - lv_c) + 0.5 * q * q)
             dmu = tl.where(obs, dmu, 0.0)
             dlv = tl.where(obs, dlv, 0.0)
             if HAS_GZ:  # z_m = mu_m + exp(lv_m / 2) eps_m, every m (a zero upstream gradient gives exactly 0)
