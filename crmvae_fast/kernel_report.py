@@ -162,7 +162,7 @@ def format_report(rows: list, M: int, B: int, D: int, dtype: str) -> str:
                    f"{r['bytes_per_element']} bytes per element")
         for gpu in GPUS:
             i, m = r[f"{gpu}_issue_us"], r[f"{gpu}_memory_us"]
-            out.append(f"  {gpu} (modelled): issue {i:.1f} us, memory {m:.1f} us, ratio {i / m:.2f} "
+            out.append(f"  {gpu} (modelled): issue {i:.3g} us, memory {m:.3g} us, ratio {i / m:.2f} "
                        f"({'memory' if i <= m else 'issue'}-bound)")
     worst = max(rows, key=lambda r: r["H100_issue_us"] / r["H100_memory_us"])
     out.append("")
