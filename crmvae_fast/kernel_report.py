@@ -49,7 +49,8 @@ ls = importlib.import_module("crmvae_fast.kernels.latent_step")
 M, B, D, dtype, cap, out = json.loads(sys.argv[1])
 rows = []
 for i, s in enumerate(ls.specializations(M, B, D, dtype)):
-    c = triton.compile(ASTSource(fn=s["kernel"], signature=s["signature"], constexprs=s["constexprs"]),
+    c = triton.compile(ASTSource(fn=s["kernel"], signature=s["signature"], constexprs=s["constexprs"],
+                                 attrs=s["attrs"]),
                        target=GPUTarget("cuda", cap, 32), options={"num_warps": s["num_warps"]})
     path = os.path.join(out, f"k{i}.cubin")
     with open(path, "wb") as f:

@@ -119,17 +119,19 @@ _MAX_WARPS = 4  # a tile holds at most _VEC * 32 * _MAX_WARPS = 512 elements
 H100_SMS = 132
 
 
-def _tiles(B: int, D: int) -> tuple[int, int, int]:
+def _tiles(B: int, D: int, backward: bool = False) -> tuple[int, int, int]:
     """``(BLOCK_B, BLOCK_D, num_warps)`` for a (., B, D) problem: a D-chunk of up to 512 elements, several
     samples per program when D is small, and at least one program per H100 SM where B allows (never less than
-    one full warp of lanes per program)."""
+    one full warp of lanes per program). The backward spreads the same tile over twice the warps (2 elements
+    per thread): at 4 it needed 244 registers on sm_90 and spilled on sm_80."""
     tile = _VEC * 32 * _MAX_WARPS
     block_d = min(triton.next_power_of_2(max(D, 1)), tile)
     per_sm = max(1, B // H100_SMS)
     block_b = 1 << (min(tile // block_d, per_sm).bit_length() - 1)  # a power of two <= both
     block_b = max(block_b, 32 // block_d)
     block_b = min(block_b, triton.next_power_of_2(max(B, 1)))
-    num_warps = max(1, min(_MAX_WARPS, block_b * block_d // (32 * _VEC)))
+    vec = _VEC // 2 if backward else _VEC
+    num_warps = max(1, min(_MAX_WARPS * _VEC // vec, block_b * block_d // (32 * vec)))
     return block_b, block_d, num_warps
 
 
@@ -317,8 +319,8 @@ def _latent_step_bwd_kernel(
     g_muJ_ptr, g_lvJ_ptr, g_zJ_ptr, g_z_ptr, g_kl0_ptr, g_klm_ptr,
     dmu_ptr, dlv_ptr,
     B, D, stride_wm, stride_wb,
-    s_muJ_b, s_muJ_d, s_lvJ_b, s_lvJ_d, s_zJ_b, s_zJ_d,
-    s_z_m, s_z_b, s_z_d, s_kl0_b, s_klm_m, s_klm_b,
+    s_muJ_b, s_lvJ_b, s_zJ_b, s_z_m, s_z_b, s_kl0_b, s_klm_m, s_klm_b,
+    s_muJ_d: tl.constexpr, s_lvJ_d: tl.constexpr, s_zJ_d: tl.constexpr, s_z_d: tl.constexpr,
     M: tl.constexpr, HAS_MASK: tl.constexpr, DRAW: tl.constexpr,
     HAS_GMUJ: tl.constexpr, HAS_GLVJ: tl.constexpr, HAS_GZJ: tl.constexpr, HAS_GZ: tl.constexpr,
     HAS_GKL0: tl.constexpr, HAS_GKLM: tl.constexpr, CT: tl.constexpr,
@@ -500,11 +502,14 @@ def latent_step_backward(
     if mu.numel() == 0:
         return dmu, dlv
     w, swm, swb, draw, eps_J, eps, seed = _common(mu, mask, eps_J, eps, seed)
-    block_b, block_d, num_warps = _tiles(B, D)
+    block_b, block_d, num_warps = _tiles(B, D, backward=True)
     grads = (g_mu_J, g_lv_J, g_z_J, g_z, g_kl0, g_klm)
     ndims = (2, 2, 2, 3, 1, 2)
     ptrs = [mu if g is None else g for g in grads]
-    strides = [s for g, n in zip(grads, ndims) for s in (g.stride() if g is not None else (0,) * n)]
+    st = [g.stride() if g is not None else (0,) * n for g, n in zip(grads, ndims)]
+    # strides along d are constexprs (1, or 0 for an expanded gradient): contiguous loads vectorize
+    strides = (st[0][0], st[1][0], st[2][0], st[3][0], st[3][1], st[4][0], st[5][0], st[5][1])
+    d_strides = dict(s_muJ_d=st[0][1], s_lvJ_d=st[1][1], s_zJ_d=st[2][1], s_z_d=st[3][2])
     with _backend.launch_guard():
         _latent_step_bwd_kernel[(triton.cdiv(B, block_b),)](
             mu, lv, w, eps_J, eps, seed,
@@ -515,7 +520,8 @@ def latent_step_backward(
             M=M, HAS_MASK=mask is not None, DRAW=draw,
             HAS_GMUJ=g_mu_J is not None, HAS_GLVJ=g_lv_J is not None, HAS_GZJ=g_z_J is not None,
             HAS_GZ=g_z is not None, HAS_GKL0=g_kl0 is not None, HAS_GKLM=g_klm is not None,
-            CT=_ct(mu.dtype), BLOCK_B=block_b, BLOCK_D=block_d, FAST=_fast(mu.dtype), num_warps=num_warps,
+            CT=_ct(mu.dtype), BLOCK_B=block_b, BLOCK_D=block_d, FAST=_fast(mu.dtype), **d_strides,
+            num_warps=num_warps,
         )
     return dmu, dlv
 
@@ -531,13 +537,14 @@ _GRAD_FLAGS = dict(mu_J="HAS_GMUJ", lv_J="HAS_GLVJ", z_J="HAS_GZJ", z="HAS_GZ", 
 def specializations(M: int, B: int, D: int, dtype: str = "float32", *, mask: bool = True, draw: bool = True,
                     grads: Sequence[str] = TRAIN_GRADS) -> list:
     """The Triton specializations one forward + backward launches at (M, B, D): a list of dicts with ``name``,
-    ``kernel``, ``signature``, ``constexprs``, ``num_warps``, ``grid`` (programs), ``elements`` (B*D),
+    ``kernel``, ``signature``, ``attrs`` (the JIT's divisibility hints), ``constexprs``, ``num_warps``, ``grid``
+    (programs), ``elements`` (B*D),
     ``trips`` (iterations of the D loop) and ``bytes`` (DRAM bytes per element by the ledger). Used by
     :func:`compile_configs` and by the kernel report (:mod:`crmvae_fast.kernel_report`)."""
     io = {"float32": "*fp32", "float16": "*fp16", "bfloat16": "*bf16"}[dtype]
     esize = {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
     kl = ("kl0_ptr", "klm_ptr", "g_kl0_ptr", "g_klm_ptr")
-    block_b, block_d, num_warps = _tiles(B, D)
+    block_b, block_d, _ = _tiles(B, D)
 
     def signature(kernel, const):
         sig = {}
@@ -559,13 +566,31 @@ def specializations(M: int, B: int, D: int, dtype: str = "float32", *, mask: boo
     common = dict(M=M, HAS_MASK=mask, DRAW=draw, CT=tl.float32, BLOCK_B=block_b, BLOCK_D=block_d, FAST=True)
     fwd = dict(common, BLOCK_M=triton.next_power_of_2(M))
     bwd = dict(common, **{flag: g in grads for g, flag in _GRAD_FLAGS.items()})
+    bwd.update({n: int(g in grads) for g, n in (("mu_J", "s_muJ_d"), ("lv_J", "s_lvJ_d"), ("z_J", "s_zJ_d"),
+                                                ("z", "s_z_d"))})
     tag = f"{dtype},M={M},B={B},D={D}{',mask' if mask else ''}{',draw' if draw else ',eps'}"
+    # the integer arguments as the launchers pass them (contiguous mu, lv, mask and gradients; absent ones 0)
+    ints = dict(D=D, stride_wm=B if mask else 0, stride_wb=1 if mask else 0, s_zJ_b=D, s_z_m=B * D, s_z_b=D,
+                s_kl0_b=1, s_klm_m=B, s_klm_b=1, s_muJ_b=D, s_lvJ_b=D)
+    for g, names in (("mu_J", ("s_muJ_b",)), ("lv_J", ("s_lvJ_b",)), ("z_J", ("s_zJ_b",)), ("z", ("s_z_m", "s_z_b")),
+                     ("kl_prior", ("s_kl0_b",)), ("kl_experts", ("s_klm_m", "s_klm_b"))):
+        if g not in grads:
+            ints.update({n: 0 for n in names})
+
+    def attrs(kernel, sig):
+        """What the JIT infers at launch: 16-byte aligned pointers (torch's allocations are) and the integer
+        arguments divisible by 16 (B is not specialized), as ``tt.divisibility`` hints."""
+        return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names)
+                if (sig[n].startswith("*")) or (n in ints and ints[n] % 16 == 0)}
+
     out = []
     for name, kernel, const, backward in (("_latent_step_fwd_kernel", _latent_step_fwd_kernel, fwd, False),
                                           ("_latent_step_bwd_kernel", _latent_step_bwd_kernel, bwd, True)):
         gtag = "" if not backward else ",g=" + "+".join(g for g in ALL_GRADS if g in grads)
-        out.append(dict(name=f"{name}[{tag}{gtag}]", kernel=kernel, signature=signature(kernel, const),
-                        constexprs=const, num_warps=num_warps, grid=triton.cdiv(B, block_b), elements=B * D,
+        sig = signature(kernel, const)
+        out.append(dict(name=f"{name}[{tag}{gtag}]", kernel=kernel, signature=sig, attrs=attrs(kernel, sig),
+                        constexprs=const, num_warps=_tiles(B, D, backward)[2], grid=triton.cdiv(B, block_b),
+                        elements=B * D,
                         block=(block_b, block_d), trips=triton.cdiv(D, block_d),
                         bytes=bytes_per_element(M, esize, backward=backward, draw=draw, grads=grads)))
     return out
