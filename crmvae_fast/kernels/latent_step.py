@@ -52,7 +52,8 @@ select, not a product, so a zero upstream gradient on a NaN placeholder gives 0 
 0 * NaN = NaN).
 
 Layout (issue 12): a program owns a [BLOCK_B, BLOCK_D] tile of (sample, latent dim) elements, threads run over
-d (4 contiguous elements per thread: 16-byte loads in float32, 8-byte in 16-bit dtypes), and the M experts are
+d (contiguous elements per thread, 4 forward and 2 backward: 16- and 8-byte loads in float32, half that in
+16-bit dtypes, where D is a multiple of 16 as the JIT then knows the rows are aligned), and the M experts are
 a loop unrolled inside each thread (``M`` is a constexpr): every per-(b, d) quantity (a_p, S, mu_J, lv_J, KL_0)
 is computed once, there are no padding rows, and the only cross-thread reductions are the KL sums over d, once
 per expert per D-chunk (one chunk up to D = 512). The experts are walked in passes (forward: pivot, PoE, outputs;
