@@ -84,3 +84,9 @@ def test_bytes_ledger():
     assert ls_mod.bytes_per_element(5, backward=True) == 104
     assert ls_mod.bytes_per_element(5, backward=True, grads=ls_mod.ALL_GRADS) == 112
     assert ls_mod.bytes_per_element(5, backward=True, draw=False, grads=ls_mod.ALL_GRADS) == 136
+
+
+def test_no_spills_on_sm80():
+    """The A100 build of the same launches: no spill instructions, no stack."""
+    for r in kernel_report.analyze(5, 4096, 512, "float32", cap=80):
+        assert r["spills"] == 0 and r["stack"] == 0, r

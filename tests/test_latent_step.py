@@ -443,7 +443,14 @@ def test_extreme_log_variances_against_float64(device, data):
     ups32 = [None if u is None else u.float().to(device) for u in ups]
     for fn, what in ((latent_step, "fused"), (reference.latent_step, "eager")):
         out, grads = _run(fn, f32[0], f32[1], m32, f32[2], f32[3], ups32)
-        _check_against_witness(out, ref_out, NAMES, 1e-3, 1e-5, what)
+        # the eager twin's KL_m takes mu_J rounded to float32 and subtracts mu_m (cancellation where mu_J ~ mu_m
+        # and exp(-lv_m) is huge), and its z uses reparameterize's exp(lv / 2), which overflows from lv = 177.4:
+        # checked on the PoE and KL_0 only; the fused op on every output
+        names = NAMES if what == "fused" else NAMES[:2] + NAMES[4:5]
+        pick = [NAMES.index(n) for n in names]
+        _check_against_witness([out[i] for i in pick], [ref_out[i] for i in pick], names, 1e-3, 1e-5, what)
+        if what == "eager":
+            continue  # its gradients go through the same reparameterize and subtraction (see above)
         for name, a, e in zip(("d mu", "d lv"), grads, ref_grads):
             # a margin of 16 below float32's max: there a product inside the chain rule (each factor of which
             # fits) may still overflow; everywhere else a finite float64 gradient is finite in float32

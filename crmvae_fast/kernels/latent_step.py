@@ -287,7 +287,8 @@ def _latent_step_fwd_kernel(
             eps_J = n0.to(CT)
         else:
             eps_J = tl.load(epsJ_ptr + off, mask=ok, other=0.0).to(CT)
-        z_J = mu_J + tl.exp(0.5 * lv_J) * eps_J
+        h_J = tl.exp(0.25 * lv_J)  # exp(lv_J / 2) in two halves: z_J fits wherever its value does
+        z_J = mu_J + h_J * (h_J * eps_J)
         tl.store(muJ_ptr + off, mu_J.to(muJ_ptr.dtype.element_ty), mask=ok)
         tl.store(lvJ_ptr + off, lv_J.to(lvJ_ptr.dtype.element_ty), mask=ok)
         tl.store(zJ_ptr + off, z_J.to(zJ_ptr.dtype.element_ty), mask=ok)
@@ -302,7 +303,8 @@ def _latent_step_fwd_kernel(
             obs = _observed(w_ptr, m, offs_b, okb, ok, stride_wm, stride_wb, HAS_MASK)
             mu = tl.load(mu_ptr + m * BD + off, mask=ok, other=0.0).to(CT)
             lv = tl.load(lv_ptr + m * BD + off, mask=ok, other=0.0).to(CT)
-            z = mu + tl.exp(0.5 * lv) * eps
+            h = tl.exp(0.25 * lv)
+            z = mu + h * (h * eps)
             tl.store(z_ptr + m * BD + off, z.to(z_ptr.dtype.element_ty), mask=ok)
             mu_c = tl.where(obs, mu, 0.0)
             lv_c = tl.where(obs, lv, 0.0)
@@ -365,7 +367,8 @@ def _latent_step_bwd_kernel(
             g_zJ = tl.load(g_zJ_ptr + offs_b[:, None] * s_zJ_b + offs_d64[None, :] * s_zJ_d, mask=ok,
                            other=0.0).to(CT)
             G_mu += g_zJ
-            G_lv += g_zJ * 0.5 * tl.exp(0.5 * lv_J) * eps_J
+            h_J = tl.exp(0.25 * lv_J)
+            G_lv += (0.5 * g_zJ) * h_J * (h_J * eps_J)
         if HAS_GKL0:
             G_mu += g_kl0[:, None] * mu_J
             G_lv += g_kl0[:, None] * _half_expm1(lv_J)
@@ -411,7 +414,8 @@ def _latent_step_bwd_kernel(
                 g_z = tl.load(g_z_ptr + m * s_z_m + offs_b[:, None] * s_z_b + offs_d64[None, :] * s_z_d, mask=ok,
                               other=0.0).to(CT)
                 dmu += g_z
-                dlv += tl.where(g_z != 0.0, g_z * 0.5 * tl.exp(0.5 * lv) * eps, 0.0)
+                h = tl.exp(0.25 * lv)
+                dlv += tl.where(g_z != 0.0, (0.5 * g_z) * h * (h * eps), 0.0)
             tl.store(dmu_ptr + m * BD + off, dmu.to(dmu_ptr.dtype.element_ty), mask=ok)
             tl.store(dlv_ptr + m * BD + off, dlv.to(dlv_ptr.dtype.element_ty), mask=ok)
 
