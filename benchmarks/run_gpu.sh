@@ -14,6 +14,8 @@
 #   info.txt         crmvae-fast info             bench.log    the suite's log and table
 #   results.jsonl    the suite's JSON rows        speedup.png  speed-up against size
 #   table.md         the README table (benchmarks/make_table.py)
+#   kernels.txt      the kernel report (crmvae-fast kernels, modelled) and the same latent-step launches timed
+#   kernels.jsonl    those measured rows, each with its modelled figures (benchmarks/measure_latent_kernels.py)
 set -u
 cd "$(dirname "$0")/.."
 REPO="$PWD"
@@ -47,6 +49,11 @@ timeout "$T" python -m pytest tests -x -q -p no:cacheprovider > "$DEST/pytest.lo
 RC=$?
 tail -n 5 "$DEST/pytest.log"
 say "pytest exit code $RC (124 = hit the time limit)"
+
+say "kernel report and the same latent-step kernels measured (limit 90 s)"
+timeout 90 python benchmarks/measure_latent_kernels.py --json "$DEST/kernels.jsonl" > "$DEST/kernels.txt" 2>&1
+say "kernels exit code $? (log: kernels.txt)"
+tail -n 4 "$DEST/kernels.txt"
 
 timeout 90 python benchmarks/bench_ddp.py --json "$DEST/ddp_scaling.jsonl" --budget-s 80 > "$DEST/bench_ddp.log" 2>&1; say "bench_ddp (training samples/s against the number of GPUs) exit code $? (log: bench_ddp.log)"
 T=$(( $(left) - 20 ))

@@ -12,6 +12,9 @@
   (:mod:`crmvae_fast.distributed`): each rank sees 1/N of every epoch, rank 0 prints and saves.
 * ``crmvae-fast evaluate [--model DIR] [--data PATH] [--K 1000] [--cond-mod A --gen-mod B]``: the joint (or
   conditional) NLL of a saved model summed over a dataset; under torchrun each process takes its share.
+* ``crmvae-fast kernels [--M 5 --B 4096 --D 512 --dtype float32]``: a static report on the latent step's Triton
+  kernels from their sm_90 cubin, no GPU needed (:mod:`crmvae_fast.kernel_report`): registers, spills,
+  occupancy, SASS warp-instructions per element and the modelled issue time against memory time.
 """
 
 from __future__ import annotations
@@ -249,6 +252,16 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------- kernels
+def cmd_kernels(args) -> int:
+    from . import kernel_report
+
+    if min(args.M, args.B, args.D) < 1:
+        print(f"error: --M, --B and --D must be >= 1, got M={args.M} B={args.B} D={args.D}", file=sys.stderr)
+        return 2
+    return kernel_report.main(args.M, args.B, args.D, args.dtype, as_json=args.json)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def _bench_help() -> tuple:
     """``(ops, providers)`` help texts from the benchmark specs (:data:`crmvae_fast.bench.SPECS`): each op with
@@ -276,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="crmvae-fast", description="CRMVAE with fused kernels: info, bench, train.")
     p.add_argument("--version", action="version", version=f"crmvae-fast {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,bench,train,evaluate}")
+    sub = p.add_subparsers(dest="command", metavar="{info,bench,train,evaluate,kernels}")
     sub.required = True
 
     pi = sub.add_parser("info", help="which fast paths (Triton, C++/CUDA extension) are live here")
@@ -342,7 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     pe.add_argument("--quiet", action="store_true", help="no progress bar")
     pe.set_defaults(func=cmd_evaluate)
-    for sp in (pi, pb, pt, pe):
+
+    pk = sub.add_parser("kernels", help="static report on the latent step's Triton kernels (sm_90 cubin, no GPU)")
+    pk.add_argument("--M", type=int, default=5, help="modalities (default 5)")
+    pk.add_argument("--B", type=int, default=4096, help="batch size (default 4096)")
+    pk.add_argument("--D", type=int, default=512, help="latent dimensions (default 512)")
+    pk.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    pk.add_argument("--json", action="store_true", help="print the rows as JSON")
+    pk.set_defaults(func=cmd_kernels)
+    for sp in (pi, pb, pt, pe, pk):
         sp.formatter_class = _DefaultsHelp
     return p
 

@@ -35,19 +35,23 @@ def _full_mask(mask: Optional[Tensor], mu: Tensor) -> Tensor:
 def poe(mu: Tensor, lv: Tensor, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Masked product of Gaussian experts, no prior expert, with MultiVae's variance floor.
 
-    ``T_m = w_m / (exp(lv_m) + 1e-8)``, ``P = sum_m T_m``, ``mu_J = sum_m T_m mu_m / P``, ``lv_J = -log P``.
+    ``T_m = w_m / (exp(lv_m) + 1e-8)``, ``P = sum_m T_m``, ``mu_J = sum_m T_m mu_m / P``, ``lv_J = -log P``,
+    computed in the log domain so that no observed expert is dropped (``exp(lv)`` overflows float32 from
+    lv = 89): ``a_m = log(exp(lv_m) + 1e-8)`` (``logaddexp``), ``lv_J = -logsumexp_m(-a_m)``, and
+    ``mu_J = sum_m softmax_m(-a_m) mu_m``. A sample with no observed expert gets the prior (0, 0).
     Returns ``(mu_J, lv_J)``, each (B, D) in the input dtype.
     """
     ct = compute_dtype(mu.dtype)
     w = _full_mask(mask, mu)[..., None]
     mu_c = torch.where(w, mu.to(ct), 0.0)
     lv_c = torch.where(w, lv.to(ct), 0.0)
-    T = torch.where(w, 1.0 / (torch.exp(lv_c) + VAR_FLOOR), 0.0)
-    P = T.sum(0)
-    ok = P > 0
-    P_safe = torch.where(ok, P, 1.0)
-    mu_J = torch.where(ok, (T * mu_c).sum(0) / P_safe, 0.0)
-    lv_J = torch.where(ok, -torch.log(P_safe), 0.0)
+    a = torch.logaddexp(lv_c, torch.full_like(lv_c, math.log(VAR_FLOOR)))  # log(exp(lv) + 1e-8)
+    ok = w.any(0)
+    # -a of a missing expert is -inf (weight 0); a sample with none observed gets finite stand-ins (all 0),
+    # so no inf - inf reaches logsumexp or its gradient, and is then replaced by the prior
+    neg_a = torch.where(w & ok, -a, torch.where(ok, -math.inf, 0.0))
+    mu_J = torch.where(ok, (torch.softmax(neg_a, 0) * mu_c).sum(0), 0.0)
+    lv_J = torch.where(ok, -torch.logsumexp(neg_a, 0), 0.0)
     return mu_J.to(mu.dtype), lv_J.to(mu.dtype)
 
 
@@ -57,22 +61,37 @@ def reparameterize(mu: Tensor, lv: Tensor, eps: Tensor) -> Tensor:
     return (mu.to(ct) + torch.exp(0.5 * lv.to(ct)) * eps.to(ct)).to(mu.dtype)
 
 
+def _half_exp_m1_mx(x: Tensor) -> Tensor:
+    """``0.5 (exp(x) - 1 - x)`` (>= 0, the KL's variance term) with no cancellation near 0 (a series for
+    |x| < 1/8) and finite while the half fits (``exp(x - ln 2)``: to x = 89.4 in float32). Each branch gets only
+    the inputs it is taken for, so neither feeds an inf into the other's gradient."""
+    small = x.abs() < 0.125
+    xs = torch.where(small, x, 0.0)
+    xl = torch.where(small, 1.0, x)
+    series = xs * xs * (0.25 + xs * (1 / 12 + xs * (1 / 48 + xs * (1 / 240 + xs / 1440))))
+    return torch.where(small, series, torch.exp(xl - math.log(2.0)) - 0.5 - 0.5 * xl)
+
+
 def kl_prior(mu_J: Tensor, lv_J: Tensor) -> Tensor:
-    """``KL(N(mu_J, exp(lv_J)) || N(0, I))`` summed over the last dim: (B,) in the arithmetic dtype."""
+    """``KL(N(mu_J, exp(lv_J)) || N(0, I))`` summed over the last dim: (B,) in the arithmetic dtype.
+    ``0.5 sum_d (-lv_J + exp(lv_J) + mu_J^2 - 1)``, its variance part as ``exp(x) - 1 - x`` without cancellation."""
     ct = compute_dtype(mu_J.dtype)
     mu_J, lv_J = mu_J.to(ct), lv_J.to(ct)
-    return 0.5 * (-lv_J + torch.exp(lv_J) + mu_J**2 - 1.0).sum(-1)
+    return (_half_exp_m1_mx(lv_J) + 0.5 * mu_J**2).sum(-1)
 
 
 def kl_to_experts(mu_J: Tensor, lv_J: Tensor, mu: Tensor, lv: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """``KL(q(z|X) || q(z|x_m))`` for every expert m, zero where m is not observed: (M, B)."""
+    """``KL(q(z|X) || q(z|x_m))`` for every expert m, zero where m is not observed: (M, B).
+    ``0.5 sum_d (lv_m - lv_J + exp(lv_J - lv_m) + (mu_J - mu_m)^2 / exp(lv_m) - 1)``, computed as
+    ``0.5 sum_d (f(lv_J - lv_m) + ((mu_J - mu_m) exp(-lv_m / 2))^2)`` with ``f(x) = exp(x) - 1 - x``, which
+    neither cancels near lv_J = lv_m nor overflows ``1 / exp(lv_m)`` first."""
     ct = compute_dtype(mu.dtype)
     w = _full_mask(mask, mu)
     wd = w[..., None]
     mu_m = torch.where(wd, mu.to(ct), 0.0)
     lv_m = torch.where(wd, lv.to(ct), 0.0)
     mu_J, lv_J = mu_J.to(ct)[None], lv_J.to(ct)[None]
-    kl = 0.5 * (lv_m - lv_J + torch.exp(lv_J - lv_m) + (mu_J - mu_m) ** 2 / torch.exp(lv_m) - 1.0).sum(-1)
+    kl = (_half_exp_m1_mx(lv_J - lv_m) + 0.5 * ((mu_J - mu_m) * torch.exp(-0.5 * lv_m)) ** 2).sum(-1)
     return torch.where(w, kl, 0.0)
 
 
