@@ -3,5 +3,6 @@
 
 from ..kernels.iw_logsumexp import iw_lse_finalize, iw_lse_init, iw_lse_update
 from ..kernels.latent_step import latent_step
+from ..kernels.likelihood import likelihood
 
-__all__ = ["latent_step", "iw_lse_init", "iw_lse_update", "iw_lse_finalize"]
+__all__ = ["latent_step", "likelihood", "iw_lse_init", "iw_lse_update", "iw_lse_finalize"]
