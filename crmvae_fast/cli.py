@@ -139,11 +139,16 @@ def cmd_train(args) -> int:
     test = synthetic.make_dataset(args.n_test, seed=args.seed + 1, missing_rate=0.0)
     config = CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=args.latent_dim), beta=args.beta)
     model = CRMVAE(config, fast_kernels=args.fast_kernels).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step_model, adam = model, {}
+    if args.compile:  # the whole forward + backward as compiled graphs (CUDA graphs on a GPU), fused Adam
+        step_model = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        adam = {"fused": True}
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
     n_batches = -(-args.n_train // args.batch_size)
     print(f"crmvae-fast train: {args.n_train} train / {args.n_test} test samples of modalities "
           f"{ {m: s for m, s in synthetic.INPUT_DIMS.items()} } ({100 * args.missing_rate:.0f}% of modalities "
-          f"missing), latent {args.latent_dim}, fast_kernels={args.fast_kernels}, device {device}")
+          f"missing), latent {args.latent_dim}, fast_kernels={args.fast_kernels}, device {device}"
+          + (", torch.compile(mode='reduce-overhead') + fused Adam" if args.compile else ""))
     for epoch in range(1, args.epochs + 1):
         model.train()
         bar = _Progress(n_batches, f"epoch {epoch}/{args.epochs}", enabled=not args.quiet)
@@ -154,7 +159,9 @@ def cmd_train(args) -> int:
         for batch in synthetic.batches(train, args.batch_size, shuffle=True, seed=args.seed * 1000 + epoch):
             batch = synthetic.to_device(batch, device)
             opt.zero_grad(set_to_none=True)
-            out = model(batch)
+            if args.compile:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+            out = step_model(batch)
             out["loss"].backward()
             opt.step()
             b = len(batch["labels"])
@@ -225,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--nll-k", type=int, default=100, help="importance samples for the held-out NLL (default 100)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.add_argument("--compile", action="store_true",
+                    help="run forward + backward under torch.compile(mode='reduce-overhead', fullgraph=True) "
+                         "(one CUDA graph per step on a GPU) with fused Adam; the first steps compile, and a "
+                         "last batch of another size compiles once more")
     pt.set_defaults(func=cmd_train)
     return p
 
