@@ -33,6 +33,9 @@ from .nn import ModelOutput, default_decoders, default_encoders, output_field
 #: (smaller, so a block's activations stay in cache).
 NLL_MAX_ROWS = 1 << 16
 NLL_MAX_ROWS_CPU = 1 << 12
+#: On a CPU the block is also sized by the bytes of the widest decoder output: at most this many bytes of it per
+#: block (rows x features x element size), so the block's activations stay in cache (None: rows only).
+NLL_CPU_BLOCK_BYTES = 1 << 20
 
 
 class CRMVAE(nn.Module):
@@ -375,7 +378,7 @@ class CRMVAE(nn.Module):
 
         n, D = mu_J.shape
         if max_rows is None:
-            max_rows = NLL_MAX_ROWS if mu_J.is_cuda else NLL_MAX_ROWS_CPU
+            max_rows = NLL_MAX_ROWS if mu_J.is_cuda else _cpu_block_rows(data)
         kc = min(batch_size_K, K)
         nb = max(1, min(n, max_rows // kc))
         lls = []
@@ -429,6 +432,15 @@ class CRMVAE(nn.Module):
         model = cls(config, fast_kernels=fast_kernels, **archis)
         model.load_state_dict(weights["model_state_dict"])
         return model
+
+
+def _cpu_block_rows(data: dict) -> int:
+    """Latent rows ``compute_joint_nll`` decodes at once on a CPU: ``NLL_MAX_ROWS_CPU``, fewer when the widest
+    decoder output (the width of the data, which the reconstruction has) would pass ``NLL_CPU_BLOCK_BYTES``."""
+    if NLL_CPU_BLOCK_BYTES is None:
+        return NLL_MAX_ROWS_CPU
+    widths = [x[0].numel() * max(4, x.element_size()) for x in data.values() if isinstance(x, Tensor) and len(x)]
+    return max(1, min(NLL_MAX_ROWS_CPU, NLL_CPU_BLOCK_BYTES // max(widths + [1])))
 
 
 def _pickle_module(module: nn.Module, path: str) -> None:
