@@ -341,9 +341,15 @@ class CRMVAE(nn.Module):
         total = 0
         for m in self.modalities_name:
             recon = output_field(self.decoders[m](z.reshape(n * k, D)), "reconstruction")
-            if self.fast_kernels and isinstance(self.model_config.decoders_dist[m], str) and isinstance(recon, Tensor):
+            dist = self.model_config.decoders_dist[m]
+            if self.fast_kernels and isinstance(dist, str) and isinstance(recon, Tensor):
+                # the fused kernel on a GPU; on a CPU its eager twin (the Triton interpreter is for tests)
+                from . import ops
+
+                lik = ops.likelihood if recon.is_cuda else reference.neg_log_likelihood
+                scale = self.model_config.decoder_dist_params.get(m, {}).get("scale", 1.0)
                 mask_m = masks[m][idx] if masks is not None else None
-                total = total + self._neg_log_lik(m, recon, data[m][idx], mask_m, -1.0, inner=k).reshape(n, k)
+                total = total + lik(recon, data[m][idx], dist, mask_m, scale, -1.0, k).reshape(n, k)
                 continue
             recon = recon.reshape(n, k, *recon.shape[1:])
             x = data[m][idx].unsqueeze(1)
