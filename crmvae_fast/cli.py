@@ -152,7 +152,11 @@ def cmd_train(args) -> int:
     config = CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=args.latent_dim), beta=args.beta)
     model = CRMVAE(config, fast_kernels=args.fast_kernels).to(device)
     net = distributed.wrap_ddp(model, device) if world > 1 else model  # gradients summed over ranks
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    step_model, adam = net, {}
+    if args.compile:  # the whole forward + backward as compiled graphs (CUDA graphs on a GPU), fused Adam
+        step_model = torch.compile(net, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        adam = {"fused": True}
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
     if world > 1:
         torch.manual_seed(args.seed + rank)  # per-rank noise; the same initial weights on every rank
     per_rank = -(-args.n_train // world)
@@ -162,7 +166,8 @@ def cmd_train(args) -> int:
            f"{args.batch_size} per rank per epoch)" if world > 1 else " (no process group)"), flush=True)
     say(f"crmvae-fast train: {args.n_train} train / {args.n_test} test samples of modalities "
         f"{ {m: s for m, s in synthetic.INPUT_DIMS.items()} } ({100 * args.missing_rate:.0f}% of modalities "
-        f"missing), latent {args.latent_dim}, fast_kernels={args.fast_kernels}, device {device}")
+        f"missing), latent {args.latent_dim}, fast_kernels={args.fast_kernels}, device {device}"
+        + (", torch.compile(mode='reduce-overhead') + fused Adam" if args.compile else ""))
     for epoch in range(1, args.epochs + 1):
         net.train()
         bar = _Progress(n_batches, f"epoch {epoch}/{args.epochs}", enabled=not args.quiet and ctx.is_main)
@@ -174,7 +179,9 @@ def cmd_train(args) -> int:
                                                seed=args.seed * 1000 + epoch):
             batch = synthetic.to_device(batch, device)
             opt.zero_grad(set_to_none=True)
-            out = net(batch)
+            if args.compile:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
+            out = step_model(batch)
             out["loss"].backward()
             opt.step()
             b = len(batch["labels"])
@@ -335,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     pt.add_argument("--nll-k", type=int, default=100, help="importance samples for the held-out NLL (default 100)")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    pt.add_argument("--compile", action="store_true",
+                    help="run forward + backward under torch.compile(mode='reduce-overhead', fullgraph=True) "
+                         "(one CUDA graph per step on a GPU) with fused Adam; the first steps compile, and a "
+                         "last batch of another size compiles once more")
     pt.set_defaults(func=cmd_train)
 
     pe = sub.add_parser("evaluate", help="the joint (or conditional) NLL of a saved model over a dataset; "

@@ -179,3 +179,35 @@ def poe_experts(
     if subsets is None:
         mu_J, lv_J = mu_J[0], lv_J[0]
     return mu_J.to(mu.dtype), lv_J.to(mu.dtype)
+
+
+def neg_log_likelihood(recon: Tensor, target: Tensor, dist, mask: Optional[Tensor] = None, scale: float = 1.0,
+                       rescale: float = 1.0, inner: int = 1) -> Tensor:
+    """``-rescale * sum_features log p(target | recon)`` per recon row, zero where masked (eager twin of
+    ``ops.likelihood``): MultiVae's ``recon_log_probs`` for ``dist`` ("normal", "laplace" with ``scale``,
+    "bernoulli" on logits, "categorical", or a callable), summed over every dim after the first.
+
+    ``recon`` (R, *event), ``target`` (N, *event): recon row r is scored against target row ``(r // inner) % N``.
+    ``mask`` (N,) bool or None. Returns (R,) in the arithmetic dtype.
+    """
+    from .likelihoods import make_log_prob
+
+    ct = compute_dtype(recon.dtype)
+    R, N = recon.shape[0], target.shape[0]
+    log_prob = make_log_prob(dist, {"scale": scale})
+    event = recon.shape[1:]
+    if mask is not None:  # placeholders of missing rows (NaN, inf) must not reach the gradient: a select
+        mask = mask if mask.dtype == torch.bool else mask != 0
+        target = torch.where(mask.reshape(N, *[1] * len(event)), target, torch.zeros((), dtype=target.dtype,
+                                                                                       device=target.device))
+    if N > 0 and R % (N * inner) == 0:  # broadcast the targets: no (R, *event) copy of them
+        c = R // (N * inner)
+        lp = log_prob(recon.to(ct).reshape(c, N, inner, *event), target.to(ct)[None, :, None])
+        rows = torch.arange(N, device=recon.device)[None, :, None].expand(c, N, inner).reshape(R)
+    else:
+        rows = (torch.arange(R, device=recon.device) // inner) % max(N, 1)
+        lp = log_prob(recon.to(ct), target[rows].to(ct))
+    r = -lp.reshape(R, -1).sum(-1) * rescale
+    if mask is not None:
+        r = torch.where(mask[rows], r, torch.zeros((), dtype=r.dtype, device=r.device))
+    return r

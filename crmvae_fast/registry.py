@@ -125,6 +125,15 @@ register(OpSpec(
     summary="product of Gaussian experts in the log domain (MultiVae's poe / stable_poe, masks, subsets)",
 ))
 register(OpSpec(
+    name="likelihood",
+    functions=("likelihood",),
+    twin="crmvae_fast.reference:neg_log_likelihood",
+    custom_ops=("crmvae_fast::likelihood", "crmvae_fast::likelihood_backward"),
+    backend="triton",
+    bench="train_step",
+    summary="-rescale * sum_features log p(x | recon), masked, one pass (normal, laplace, bernoulli, categorical)",
+))
+register(OpSpec(
     name="iw_logsumexp",
     functions=("iw_lse_update", "iw_lse_init", "iw_lse_finalize"),
     twin="crmvae_fast.kernels.iw_logsumexp:iw_lse_update_eager",

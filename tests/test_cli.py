@@ -283,3 +283,35 @@ def test_op_bench_builds_a_spec_that_runs(monkeypatch):
         assert row["skipped"] is None and row["median_ms"] > 0 and row["op"] == spec.name
     assert bench.skip_reason(cases[0], "multivae", dev) == \
         "multivae is not a provider of latent_step_via_op_bench (its providers: eager, fused, compile)"
+
+
+def test_train_compile_runs_the_compiled_step_with_fused_adam(tmp_path, capsys, monkeypatch):
+    """``train --compile``: the step goes through torch.compile(fullgraph=True) and Adam is fused. On a CPU
+    the inductor backend (a C++ build per graph) is swapped for aot_eager to keep the test quick; the flags the
+    command passes are checked."""
+    calls = []
+    real_compile = torch.compile
+
+    def spy_compile(model, **kw):
+        calls.append(kw)
+        if torch.cuda.is_available():
+            return real_compile(model, **kw)
+        return real_compile(model, fullgraph=kw["fullgraph"], dynamic=kw.get("dynamic"), backend="aot_eager")
+
+    adams = []
+    real_adam = torch.optim.Adam
+
+    def spy_adam(params, **kw):
+        adams.append(kw)
+        return real_adam(params, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
+    monkeypatch.setattr(torch.optim, "Adam", spy_adam)
+    torch._dynamo.reset()
+    out = tmp_path / "run"
+    assert cli.main(["train", "--epochs", "1", "--n-train", "32", "--n-test", "4", "--batch-size", "16",
+                     "--nll-k", "4", "--out", str(out), "--quiet", "--compile"]) == 0
+    text = capsys.readouterr().out
+    assert "reduce-overhead" in text and "loss/sample nan" not in text
+    assert calls == [dict(mode="reduce-overhead", fullgraph=True, dynamic=False)]
+    assert adams and adams[0].get("fused") is True

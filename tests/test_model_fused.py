@@ -104,6 +104,70 @@ def test_fused_training_step_compiles_without_graph_breaks(device):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_step_has_no_graph_break_and_no_recompile(device):
+    """New data, new masks and fresh noise at the same shapes reuse the one compiled graph; the step (with the
+    fused likelihood and the concatenated decoding) has no graph break."""
+    from torch._dynamo.utils import counters
+
+    _, fused = make_models(DIMS, device, decoders_dist={"a": "normal", "b": "laplace", "c": "bernoulli"})
+    B = 4
+
+    def inputs(seed):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.rand(3, B, generator=g) > 0.3
+        w[0] |= ~w.any(0)
+        return {"data": {m: torch.rand((B, *d), generator=g).round().to(device) for m, d in DIMS.items()},
+                "masks": {m: w[i].to(device) for i, m in enumerate(DIMS)}}
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fused)(inputs(0))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    losses = []
+    for seed in range(3):
+        fused.zero_grad(set_to_none=True)
+        loss = compiled(inputs(seed)).loss
+        loss.backward()
+        losses.append(loss.item())
+        assert all(torch.isfinite(p.grad).all() for p in fused.parameters())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert len(set(losses)) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs (mode='reduce-overhead') need a GPU; this "
+                    "machine has none (the CPU tests above cover graph breaks and recompiles)")
+def test_reduce_overhead_compiled_step_replays_as_a_cuda_graph():
+    """``torch.compile(mode="reduce-overhead", fullgraph=True)``: the step is captured once and replayed, each
+    replay with fresh noise; its loss equals the uncompiled step's on the same seed."""
+    from torch._dynamo.utils import counters
+
+    _, model = make_models(DIMS, torch.device("cuda"), decoders_dist={"a": "normal", "b": "laplace", "c": "bernoulli"})
+    w = torch.tensor([[1, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool, device="cuda")
+    inputs = {"data": {m: torch.rand((4, *d), device="cuda").round() for m, d in DIMS.items()},
+              "masks": {m: w[i] for i, m in enumerate(DIMS)}}
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    losses = []
+    for _ in range(4):
+        torch.compiler.cudagraph_mark_step_begin()
+        model.zero_grad(set_to_none=True)
+        loss = compiled(inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert len(set(losses)) == 4, "replays must draw fresh noise"
+    torch.manual_seed(3)
+    torch.compiler.cudagraph_mark_step_begin()
+    l_c = compiled(inputs).loss.item()
+    torch.manual_seed(3)
+    l_e = model(inputs).loss.item()
+    assert abs(l_c - l_e) <= 1e-4 * max(1.0, abs(l_e))
+
+
 def test_backend_info_names_the_live_paths():
     info = cf.backend_info()
     for key in ("triton", "interpreter", "extension"):

@@ -239,3 +239,97 @@ def test_joint_nll_batched_matches_multivae_on_the_same_samples():
     for bk, rows in [(25, 1 << 16), (7, 5)]:
         got = -ours._joint_ll_batched(d, masks, mu_J, lv_J, K, bk, noise=noise, max_rows=rows).sum()
         torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-4)
+
+
+def fused_with_multivae_noise(ours):
+    """The fused model (fused latent step, one decoder call on [z_J; z_m], fused likelihood) drawing its noise
+    with MultiVae's calls in MultiVae's order, so it sees MultiVae's samples."""
+    ours.fast_kernels = True
+    ours._latent_step = lambda mu, lv, mask: cf.ops.latent_step(mu, lv, mask, *cf.reference.draw_noise(mu))
+    return ours
+
+
+@pytest.mark.parametrize("concat", [True, False], ids=["concat", "split"])
+@pytest.mark.parametrize("M,dists,params,rescale", CASES[1:])
+def test_fused_model_matches_multivae_on_the_same_noise(M, dists, params, rescale, concat):
+    mv, ours, names, dims = make_pair(M, dists, params, rescale)
+    fused_with_multivae_noise(ours).concat_decoding = concat
+    data = make_data(names, dims, dists, B=7)
+    masks = make_masks(names, 7)
+    for inputs in (MultimodalBaseDataset(data), IncompleteDataset(data, masks)):
+        o1, g1 = run(mv, inputs)
+        o2, g2 = run(ours, inputs)
+        assert_same(o1, g1, o2, g2)
+
+
+def test_fused_model_keeps_custom_distributions_eager():
+    """A callable decoder distribution (which MultiVae's config refuses) runs the eager way inside the fused
+    model, beside a fused one: the fused model equals the eager one on the same noise."""
+    def student(recon, target):
+        return torch.distributions.StudentT(3.0, recon, 1.0).log_prob(target)
+
+    dims = {"m0": (5,), "m1": (2, 3)}
+    kw = dict(n_modalities=2, latent_dim=3, input_dims=dims, uses_likelihood_rescaling=True,
+              decoders_dist={"m0": student, "m1": "bernoulli"})
+    torch.manual_seed(0)
+    eager = cf.CRMVAE(cf.CRMVAEConfig(**kw), fast_kernels=False)
+    ours = fused_with_multivae_noise(cf.CRMVAE(cf.CRMVAEConfig(**kw), fast_kernels=True))
+    ours.load_state_dict(eager.state_dict())
+    data = make_data(["m0", "m1"], dims, {"m1": "bernoulli"}, B=5)
+    inputs = IncompleteDataset(data, make_masks(["m0", "m1"], 5))
+    o1, g1 = run(eager, inputs)
+    o2, g2 = run(ours, inputs)
+    assert_same(o1, g1, o2, g2)
+
+
+def test_batch_norm_decoders_opt_out_of_concatenated_decoding():
+    from multivae.models.base import BaseAEConfig
+    from multivae.models.nn.default_architectures import Encoder_VAE_MLP
+    from pythae.models.base.base_utils import ModelOutput as PythaeOutput
+    from pythae.models.nn import BaseDecoder
+
+    names, dims = ["x", "y"], {"x": (4,), "y": (3,)}
+    encs = {m: Encoder_VAE_MLP(BaseAEConfig(input_dim=d, latent_dim=2)) for m, d in dims.items()}
+
+    class BNDecoder(BaseDecoder):
+        def __init__(self, d):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Linear(8, d))
+
+        def forward(self, z):
+            return PythaeOutput(reconstruction=self.net(z))
+
+    decs = {m: BNDecoder(d[0]) for m, d in dims.items()}
+    kw = dict(n_modalities=2, latent_dim=2)
+    mv = MVCRMVAE(MVConfig(**kw), encoders=copy.deepcopy(encs), decoders=copy.deepcopy(decs))
+    ours = cf.CRMVAE(cf.CRMVAEConfig(**kw), encoders=copy.deepcopy(encs), decoders=copy.deepcopy(decs))
+    assert ours.concat_decoding is False  # a BatchNorm in a decoder turns the concatenation off
+    ours.load_state_dict(mv.state_dict())
+    fused_with_multivae_noise(ours)
+    data = make_data(names, dims, None, B=6)
+    o1, g1 = run(mv, MultimodalBaseDataset(data))
+    o2, g2 = run(ours, MultimodalBaseDataset(data))
+    assert_same(o1, g1, o2, g2)
+    # with the concatenation forced on, the batch statistics of [z_J; z_m] differ: the loss moves
+    ours.concat_decoding = True
+    o3, _ = run(ours, MultimodalBaseDataset(data))
+    assert not torch.allclose(o3.loss, o1.loss, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_joint_nll_matches_multivae_incomplete_free():
+    """``compute_joint_nll`` through the fused likelihood (inner = k layout) on MultiVae's samples, all four
+    distributions."""
+    dists = {"m0": "normal", "m1": "laplace", "m2": "bernoulli", "m3": "categorical"}
+    mv, ours, names, dims = make_pair(4, dists, {"m1": {"scale": 0.5}})
+    ours.fast_kernels = True
+    data = make_data(names, dims, dists, B=3)
+    K, D = 30, ours.latent_dim
+    torch.manual_seed(13)
+    expected = mv.compute_joint_nll(MultimodalBaseDataset(data), K=K, batch_size_K=10)
+    torch.manual_seed(13)
+    eps = torch.empty(K, 3, D).normal_()
+    d, masks = cf.inputs.read_inputs({"data": data}, ours.modalities_name)
+    mu, lv = ours._encode_experts(d, ours.modalities_name)
+    mu_J, lv_J = cf.reference.poe(mu, lv)
+    got = -ours._joint_ll_batched(d, masks, mu_J, lv_J, K, 10, noise=lambda k0, k1, i0, i1: eps[k0:k1, i0:i1]).sum()
+    torch.testing.assert_close(got, expected.to(got.dtype), rtol=1e-5, atol=1e-4)

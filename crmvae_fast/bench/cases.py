@@ -461,7 +461,7 @@ def _build_nll(case: Case, provider: str, device: torch.device):
 register_bench(BenchSpec(
     name="joint_nll", modes=("eval",), providers=("eager", "fused", "compile", "multivae"),
     cases=_nll_cases, build=lambda case, provider, device, quick: _build_nll(case, provider, device),
-    uses=("iw_logsumexp",), skip=_nll_skip,
+    uses=("iw_logsumexp", "likelihood"), skip=_nll_skip,
     bytes_formula={"eval": "not reported: matmul-bound (decoders / MLP), bytes do not bound it"},
     baselines=("multivae", "eager"), heavy=True, x_axis="n", target=lambda c: True,
 ))
@@ -526,7 +526,7 @@ def _build_train(case: Case, provider: str, device: torch.device):
 register_bench(BenchSpec(
     name="train_step", modes=("step",), providers=("eager", "fused", "compile"),
     cases=_train_cases, build=lambda case, provider, device, quick: (_build_train(case, provider, device), None),
-    uses=("latent_step",), skip=_train_skip,
+    uses=("latent_step", "likelihood"), skip=_train_skip,
     bytes_formula={"step": "not reported: matmul-bound (decoders / MLP), bytes do not bound it"},
     heavy=True,
 ))

@@ -3,6 +3,7 @@
 
 from ..kernels.iw_logsumexp import iw_lse_finalize, iw_lse_init, iw_lse_update
 from ..kernels.latent_step import latent_step
+from ..kernels.likelihood import likelihood
 from ..kernels.poe import poe
 
-__all__ = ["latent_step", "poe", "iw_lse_init", "iw_lse_update", "iw_lse_finalize"]
+__all__ = ["latent_step", "poe", "likelihood", "iw_lse_init", "iw_lse_update", "iw_lse_finalize"]
