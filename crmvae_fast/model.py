@@ -200,7 +200,7 @@ class CRMVAE(nn.Module):
         lat = self._mean_latent_step(mu, lv, mask) if use_mean_embedding else self._latent_step(mu, lv, mask)
         M = self.n_modalities
         if self.fast_kernels:
-            return self._loss_fused(data, masks, lat)
+            return self._loss_fused(data, masks, lat, beta)
 
         metrics = {"joint_divergence": lat.kl_prior.mean()}
         kl_experts = lat.kl_experts
@@ -239,7 +239,7 @@ class CRMVAE(nn.Module):
             r = torch.where(mask.repeat(r.shape[0] // n), r, torch.zeros((), dtype=r.dtype, device=r.device))
         return r
 
-    def _loss_fused(self, data: dict, masks: Optional[dict], lat: LatentStep) -> ModelOutput:
+    def _loss_fused(self, data: dict, masks: Optional[dict], lat: LatentStep, beta) -> ModelOutput:
         """The loss and metrics of :meth:`forward` from the fused ops: one decoder call and one likelihood
         launch per modality, and the metrics and loss from one (1 + 3M, B) tensor of per-sample terms."""
         names, M = self.modalities_name, self.n_modalities
@@ -264,7 +264,7 @@ class CRMVAE(nn.Module):
         for i, m in enumerate(names):
             metrics[f"recon_{m}_from_joint"] = means[1 + M + 2 * i]
             metrics[f"recon_{m}_from_{m}"] = means[2 + M + 2 * i]
-        loss = sums[1 + M:].sum() / (2 * (M + 1)) + sums[:1 + M].sum() * (self.model_config.beta / (M + 1))
+        loss = sums[1 + M:].sum() / (2 * (M + 1)) + sums[:1 + M].sum() * (beta / (M + 1))
         return ModelOutput(loss=loss, loss_sum=loss, metrics=metrics)
 
     # ---------------------------------------------------------------------------------- encode / decode
