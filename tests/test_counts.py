@@ -61,5 +61,5 @@ def test_issue_workload_fused_within_budget_and_below_eager_and_multivae():
     assert fused.triton == 2 * (1 + 3)
     # one decoder call per modality: 3 decoders x 2 linear layers (addmm) forward instead of 6 x 2
     assert fused.by_op["addmm"] == eager.by_op["addmm"] - 6
-    if "multivae" in rows:
-        assert eager.launches < rows["multivae"].launches
+    if "multivae" in rows:  # the eager twin's log-domain PoE and input checks cost it about as many as MultiVae
+        assert fused.launches < rows["multivae"].launches / 3
