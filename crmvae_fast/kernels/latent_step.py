@@ -72,7 +72,7 @@ of z_J or z is there.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -81,7 +81,7 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 from .. import _backend, reference
-from ..common import VAR_FLOOR, LatentStep, compute_dtype
+from ..common import VAR_FLOOR, LatentStep, TensorOrList, check_experts, compute_dtype
 
 __all__ = ["latent_step", "latent_step_forward", "latent_step_backward"]
 
@@ -677,21 +677,6 @@ _latent_step_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 # ---------------------------------------------------------------------------------------------------------------
 
-TensorOrList = Union[Tensor, Sequence[Tensor]]
-
-
-def _as_stack(x: TensorOrList, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x):
-        shapes = {tuple(t.shape) for t in x}
-        if len(shapes) != 1:
-            raise ValueError(f"latent_step: every {name}_m must have the same (B, D) shape, got {sorted(shapes)}")
-        return torch.stack(list(x))
-    raise TypeError(f"latent_step: expected {name} as an (M, B, D) tensor or a non-empty list of (B, D) "
-                    f"tensors, got {type(x).__name__}")
-
-
 def latent_step(
     mu: TensorOrList,
     lv: TensorOrList,
@@ -710,27 +695,8 @@ def latent_step(
     the input dtype, the KL terms (B,) and (M, B) in float32 (float64 for float64 inputs). Tensors the Triton
     kernels cannot take (CPU without ``TRITON_INTERPRET=1``) go through the eager reference instead.
     """
-    mu = _as_stack(mu, "mu")
-    lv = _as_stack(lv, "lv")
-    if mu.dim() != 3 or lv.shape != mu.shape:
-        raise ValueError(f"latent_step: expected mu and lv of the same (M, B, D) shape, got {tuple(mu.shape)} "
-                         f"and {tuple(lv.shape)}")
-    if mu.dtype != lv.dtype or mu.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"latent_step: expected mu and lv of one floating dtype (float32, float16, bfloat16 or "
-                        f"float64), got {mu.dtype} and {lv.dtype}")
-    if mu.device != lv.device:
-        raise ValueError(f"latent_step: mu is on {mu.device} but lv is on {lv.device}")
+    mu, lv, mask = check_experts("latent_step", mu, lv, mask)
     M, B, D = mu.shape
-    _check_experts(M)
-    if mask is not None:
-        if tuple(mask.shape) != (M, B):
-            raise ValueError(f"latent_step: expected mask of shape (M, B) = {(M, B)}, got {tuple(mask.shape)}")
-        if mask.device != mu.device:
-            raise ValueError(f"latent_step: mask is on {mask.device} but mu is on {mu.device}")
-        if mask.dtype != torch.bool:
-            if mask.is_complex():
-                raise TypeError(f"latent_step: expected a bool or float mask, got {mask.dtype}")
-            mask = mask != 0
     if (eps_J is None) != (eps is None):
         raise ValueError("latent_step: give both eps_J and eps, or neither (then the noise is drawn)")
     if eps is not None:

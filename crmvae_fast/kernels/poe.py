@@ -34,7 +34,7 @@ output and no gradient (their gradient is exactly 0).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 import triton
@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _backend, reference
-from ..common import VAR_FLOOR, compute_dtype
+from ..common import VAR_FLOOR, TensorOrList, check_experts
 
 __all__ = ["poe", "poe_forward", "poe_backward"]
 
@@ -388,21 +388,6 @@ _poe_op.register_autograd(_backward, setup_context=_setup_context)
 # Public function
 # ---------------------------------------------------------------------------------------------------------------
 
-TensorOrList = Union[Tensor, Sequence[Tensor]]
-
-
-def _as_stack(x: TensorOrList, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, Tensor) for t in x):
-        shapes = {tuple(t.shape) for t in x}
-        if len(shapes) != 1:
-            raise ValueError(f"poe: every {name}_m must have the same (B, D) shape, got {sorted(shapes)}")
-        return torch.stack(list(x))
-    raise TypeError(f"poe: expected {name} as an (M, B, D) tensor or a non-empty list of (B, D) tensors, "
-                    f"got {type(x).__name__}")
-
-
 def poe(
     mu: TensorOrList,
     lv: TensorOrList,
@@ -427,29 +412,8 @@ def poe(
     expert selected and no prior expert) is N(0, I): ``mu_J = lv_J = 0``. Tensors the Triton kernels cannot take
     (CPU without ``TRITON_INTERPRET=1``) go through the eager twin instead.
     """
-    mu = _as_stack(mu, "mu")
-    lv = _as_stack(lv, "lv")
-    if mu.dim() != 3 or lv.shape != mu.shape:
-        raise ValueError(f"poe: expected mu and lv of the same (M, B, D) shape, got {tuple(mu.shape)} and "
-                         f"{tuple(lv.shape)}; stack the experts on dim 0")
-    if mu.dtype != lv.dtype or mu.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"poe: expected mu and lv of one floating dtype (float32, float16, bfloat16 or float64), "
-                        f"got {mu.dtype} and {lv.dtype}")
-    if mu.device != lv.device:
-        raise ValueError(f"poe: mu is on {mu.device} but lv is on {lv.device}; move both to one device")
+    mu, lv, mask = check_experts("poe", mu, lv, mask)
     M, B, D = mu.shape
-    if M == 0:
-        raise ValueError("poe: expected at least one expert (M >= 1), got mu of shape "
-                         f"{tuple(mu.shape)}; for the prior alone use zeros")
-    if mask is not None:
-        if tuple(mask.shape) != (M, B):
-            raise ValueError(f"poe: expected mask of shape (M, B) = {(M, B)}, got {tuple(mask.shape)}")
-        if mask.device != mu.device:
-            raise ValueError(f"poe: mask is on {mask.device} but mu is on {mu.device}; move it to {mu.device}")
-        if mask.dtype != torch.bool:
-            if mask.is_complex():
-                raise TypeError(f"poe: expected a bool or float mask, got {mask.dtype}")
-            mask = mask != 0
     if subsets is not None:
         if subsets.dim() != 2 or subsets.shape[1] != M:
             raise ValueError(f"poe: expected subsets of shape (S, M) with M = {M} (one row of flags per product), "
