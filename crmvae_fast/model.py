@@ -371,11 +371,12 @@ class CRMVAE(nn.Module):
             return -self._joint_ll_batched(data, masks, mu_J, lv_J, K, batch_size_K).sum()
         return -self._joint_ll_per_point(data, masks, mu_J, lv_J, K, batch_size_K).sum()
 
-    def _log_px(self, z: Tensor, data: dict, masks: Optional[dict], idx: slice) -> Tensor:
-        """``sum_m log p(x_m[idx] | z)`` for z of shape (n, k, D): (n, k), observed modalities only."""
+    def _log_px(self, z: Tensor, data: dict, masks: Optional[dict], idx: slice, names=None) -> Tensor:
+        """``sum_m log p(x_m[idx] | z)`` over ``names`` (default: every modality) for z of shape (n, k, D):
+        (n, k), observed modalities only."""
         n, k, D = z.shape
         total = 0
-        for m in self.modalities_name:
+        for m in names or self.modalities_name:
             recon = output_field(self.decoders[m](z.reshape(n * k, D)), "reconstruction")
             dist = self.model_config.decoders_dist[m]
             if self.fast_kernels and isinstance(dist, str) and isinstance(recon, Tensor):
@@ -411,32 +412,45 @@ class CRMVAE(nn.Module):
             lls.append(torch.logsumexp(torch.stack(chunks), dim=0) - math.log(K))
         return torch.stack(lls)
 
-    def _joint_ll_batched(self, data, masks, mu_J, lv_J, K, batch_size_K,
-                          noise: Optional[Callable] = None, max_rows: Optional[int] = None) -> Tensor:
-        """Blocks of points x chunks of samples, at most ``max_rows`` latents decoded at once, the importance
-        weights folded into a running log-sum-exp. ``noise(k0, k1, i0, i1)`` returns the (k1-k0, i1-i0, D)
-        standard normal draws of samples k0:k1 of points i0:i1 (default: fresh draws)."""
-        from . import ops
-
-        n, D = mu_J.shape
+    def _posterior_blocks(self, data: dict, mu: Tensor, lv: Tensor, K: int, batch_size_K: int,
+                          noise: Optional[Callable] = None, max_rows: Optional[int] = None):
+        """K samples of ``N(mu, exp(lv))`` per point, by blocks of points: yields ``(i0, i1, chunks)``, where
+        ``chunks`` yields the (i1 - i0, k, D) samples in chunks of ``k <= batch_size_K``, at most ``max_rows``
+        latents at once (default: ``NLL_MAX_ROWS`` on a GPU, by the widest decoder output on a CPU).
+        ``noise(k0, k1, i0, i1)`` returns the (k1-k0, i1-i0, D) standard normal draws of samples k0:k1 of points
+        i0:i1 (default: fresh draws)."""
+        n, D = mu.shape
         if max_rows is None:
-            max_rows = NLL_MAX_ROWS if mu_J.is_cuda else _cpu_block_rows(data)
+            max_rows = NLL_MAX_ROWS if mu.is_cuda else _cpu_block_rows(data)
         kc = min(batch_size_K, K)
         nb = max(1, min(n, max_rows // kc))
-        lls = []
-        for i0 in range(0, n, nb):
-            i1 = min(n, i0 + nb)
-            mu_b, std_b = mu_J[i0:i1], torch.exp(0.5 * lv_J[i0:i1])
-            state = ops.iw_lse_init(i1 - i0, device=mu_J.device, dtype=compute_dtype(mu_J.dtype))
+
+        def chunks(i0, i1):
+            mu_b, std_b = mu[i0:i1].unsqueeze(1), torch.exp(0.5 * lv[i0:i1]).unsqueeze(1)
             for k0 in range(0, K, kc):
                 k1 = min(K, k0 + kc)
                 if noise is None:
-                    eps = torch.empty((i1 - i0, k1 - k0, D), dtype=mu_J.dtype, device=mu_J.device).normal_()
+                    eps = torch.empty((i1 - i0, k1 - k0, D), dtype=mu.dtype, device=mu.device).normal_()
                 else:
                     eps = noise(k0, k1, i0, i1).transpose(0, 1)
-                z = (mu_b.unsqueeze(1) + eps * std_b.unsqueeze(1)).contiguous()
+                yield (mu_b + eps * std_b).contiguous()
+
+        for i0 in range(0, n, nb):
+            i1 = min(n, i0 + nb)
+            yield i0, i1, chunks(i0, i1)
+
+    def _joint_ll_batched(self, data, masks, mu_J, lv_J, K, batch_size_K,
+                          noise: Optional[Callable] = None, max_rows: Optional[int] = None) -> Tensor:
+        """Blocks of points x chunks of samples (:meth:`_posterior_blocks`), the importance weights folded into
+        a running log-sum-exp by ``ops.iw_lse_update``: (n,)."""
+        from . import ops
+
+        lls = []
+        for i0, i1, chunks in self._posterior_blocks(data, mu_J, lv_J, K, batch_size_K, noise, max_rows):
+            state = ops.iw_lse_init(i1 - i0, device=mu_J.device, dtype=compute_dtype(mu_J.dtype))
+            for z in chunks:
                 log_px = self._log_px(z, data, masks, slice(i0, i1))
-                state = ops.iw_lse_update(log_px, z, mu_b, lv_J[i0:i1], *state)
+                state = ops.iw_lse_update(log_px, z, mu_J[i0:i1], lv_J[i0:i1], *state)
             lls.append(ops.iw_lse_finalize(*state, K))
         return torch.cat(lls)
 
@@ -515,43 +529,26 @@ class CRMVAE(nn.Module):
 
     def _cond_ll_batched(self, data, gen, mu_c, lv_c, K, batch_size_K,
                          noise: Optional[Callable] = None, max_rows: Optional[int] = None) -> Tensor:
-        """Blocks of points x chunks of samples (at most ``max_rows`` latents decoded at once), ``log p(x_m | z)``
-        folded into a running log-sum-exp per (point, modality) by ``ops.iw_lse_update``. (n, len(gen)).
+        """Blocks of points x chunks of samples (:meth:`_posterior_blocks`), ``log p(x_m | z)`` folded into a
+        running log-sum-exp per (point, modality) by ``ops.iw_lse_update``: (n, len(gen)).
 
         The conditional estimator has no prior/posterior ratio. The op's log-weight is ``log_px + log N(z; 0, I)
         - log N(z; mu, exp(lv))`` summed over the latent dims, so it is fed a zero-width latent (D = 0): both
-        Gaussian terms are empty sums, exactly 0, and the op folds ``log p(x_m | z)`` alone. ``noise`` as in
-        :meth:`_joint_ll_batched`."""
+        Gaussian terms are empty sums, exactly 0, and the op folds ``log p(x_m | z)`` alone."""
         from . import ops
 
-        n, D = mu_c.shape
         P = len(gen)
-        if max_rows is None:
-            max_rows = NLL_MAX_ROWS if mu_c.is_cuda else NLL_MAX_ROWS_CPU
-        kc = min(batch_size_K, K)
-        nb = max(1, min(n, max_rows // kc))
         ct = compute_dtype(mu_c.dtype)
         lls = []
-        for i0 in range(0, n, nb):
-            i1 = min(n, i0 + nb)
+        for i0, i1, chunks in self._posterior_blocks(data, mu_c, lv_c, K, batch_size_K, noise, max_rows):
             rows = (i1 - i0) * P
-            mu_b, std_b = mu_c[i0:i1], torch.exp(0.5 * lv_c[i0:i1])
             no_latent = torch.empty((rows, 0), dtype=ct, device=mu_c.device)
             state = ops.iw_lse_init(rows, device=mu_c.device, dtype=ct)
-            for k0 in range(0, K, kc):
-                k1 = min(K, k0 + kc)
-                if noise is None:
-                    eps = torch.empty((i1 - i0, k1 - k0, D), dtype=mu_c.dtype, device=mu_c.device).normal_()
-                else:
-                    eps = noise(k0, k1, i0, i1).transpose(0, 1)
-                z = (mu_b.unsqueeze(1) + eps * std_b.unsqueeze(1)).reshape(-1, D)
-                log_px = torch.stack([
-                    summed_log_prob(self.recon_log_probs[m],
-                                    output_field(self.decoders[m](z), "reconstruction").reshape(
-                                        i1 - i0, k1 - k0, *data[m].shape[1:]),
-                                    data[m][i0:i1].unsqueeze(1), n_batch_dims=2) for m in gen], 1)  # (nb, P, k)
-                z0 = torch.empty((rows, k1 - k0, 0), dtype=ct, device=mu_c.device)
-                state = ops.iw_lse_update(log_px.reshape(rows, k1 - k0), z0, no_latent, no_latent, *state)
+            for z in chunks:
+                log_px = torch.stack([self._log_px(z, data, None, slice(i0, i1), [m]) for m in gen], 1)  # (nb, P, k)
+                k = z.shape[1]
+                z0 = torch.empty((rows, k, 0), dtype=ct, device=mu_c.device)
+                state = ops.iw_lse_update(log_px.reshape(rows, k), z0, no_latent, no_latent, *state)
             lls.append(ops.iw_lse_finalize(*state, K).reshape(i1 - i0, P))
         return torch.cat(lls)
 
