@@ -40,6 +40,18 @@ def _ms(r):
     return f"{r['median_ms']:.3g}"
 
 
+def _figures(fused, eager, ok) -> str:
+    """The row group's device-independent figures: launches eager / fused and modelled MB of a train step, or
+    the fused latent kernel's modelled figures (``crmvae_fast.bench.figures_cell``)."""
+    if not ok(fused):
+        return "-"
+    if ok(eager) and fused.get("launches") is not None and eager.get("launches") is not None:
+        at = f" at B={fused['counts_B']}" if fused.get("counts_B") not in (None, fused["B"]) else ""
+        return (f"launches {eager['launches']} / {fused['launches']}, MB {eager['bytes_modelled'] / 1e6:.3g} / "
+                f"{fused['bytes_modelled'] / 1e6:.3g} modelled{at} (eager / fused)")
+    return bench.figures_cell(fused)
+
+
 def table(rows) -> str:
     r0 = rows[0]
     commit = (r0.get("git_commit") or "unknown")[:10] + (" (dirty)" if r0.get("git_dirty") else "")
@@ -49,6 +61,9 @@ def table(rows) -> str:
             "baseline median / fused median (baseline: MultiVae for the joint NLL when installed, else eager).")
     cols = ["op / mode", "M", "B", "D"] + [f"{p} ms" for p in PROVIDER_COLS] + \
         ["fused speed-up", "fused vs compile", "fused % copy BW", "peak MB eager / fused", "fused runs"]
+    with_figures = any(bench.figures_cell(r) != "-" for r in rows if not r.get("skipped"))
+    if with_figures:  # device-independent: counted launches / modelled bytes, modelled kernel figures
+        cols.append("counted / modelled")
     lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     groups = {}
     for r in rows:
@@ -71,7 +86,8 @@ def table(rows) -> str:
         op = f"{key[0]} / {key[1]}" + (f" (n={n['n']}, K={n['K']})" if "K" in n else "")
         backend = (fused or {}).get("backend") or "-"
         cells = [op, str(key[2]), str(key[3]), str(key[4])] + [_ms(g.get(p)) for p in PROVIDER_COLS]
-        lines.append("| " + " | ".join(cells + [sp, vs_c, bw, pm, backend]) + " |")
+        extra = [_figures(fused, eager, ok)] if with_figures else []
+        lines.append("| " + " | ".join(cells + [sp, vs_c, bw, pm, backend] + extra) + " |")
     notes = sorted({r["note"] for r in rows if r.get("note")})
     if notes:
         lines += [""] + [f"Note: {n}." for n in notes]

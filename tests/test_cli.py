@@ -315,3 +315,91 @@ def test_train_compile_runs_the_compiled_step_with_fused_adam(tmp_path, capsys, 
     assert "reduce-overhead" in text and "loss/sample nan" not in text
     assert calls == [dict(mode="reduce-overhead", fullgraph=True, dynamic=False)]
     assert adams and adams[0].get("fused") is True
+
+
+# ------------------------------------------------------------- device-independent figures beside the timings
+def _smoke_case(op, mode):
+    dev = torch.device("cpu")
+    return next(c for c in bench.SPECS[op].cases(dev, False, True, "float32") if c.mode == mode)
+
+
+def test_train_step_rows_carry_counted_launches_and_modelled_bytes():
+    from crmvae_fast import _backend
+
+    dev = torch.device("cpu")
+    case = _smoke_case("train_step", "step")
+    env = bench.environment(dev)
+    rows = {p: bench.run_case(case, p, dev, env, smoke=True, log=None) for p in ("eager", "fused")}
+    for r in rows.values():
+        assert r["skipped"] is None and r["figures_reason"] is None
+        assert r["counts_B"] == case.B  # the smoke size is cheap to count at its own B
+        assert r["launches"] == r["aten_launches"] + r["triton_launches"] > 0 and r["bytes_modelled"] > 0
+        assert r["modelled"] is None  # the kernel-report fields stay empty on a train step
+    eager, fused = rows["eager"], rows["fused"]
+    assert eager["triton_launches"] == 0
+    assert fused["launches"] < eager["launches"] and fused["bytes_modelled"] < eager["bytes_modelled"]
+    if _backend.triton_runs_on(dev):  # the fused kernels ran: one latent step + one likelihood per modality, fwd+bwd
+        assert fused["triton_launches"] == 2 * (1 + case.M)
+        # the launches do not depend on B (which is why a slow count may be taken at COUNT_SMALL_B); bytes do
+        big = bench.Case(case.op, case.mode, case.M, 2 * case.B, case.D, case.dtype, dict(case.params))
+        again = bench.SPECS["train_step"].figures(big, "fused", dev)
+        assert again["launches"] == fused["launches"] and again["bytes_modelled"] > fused["bytes_modelled"]
+    table = bench.format_table(list(rows.values()))
+    assert f"{fused['launches']} launches ({fused['triton_launches']} triton)" in table and "MB modelled" in table
+
+
+def test_counts_batch_is_small_only_under_the_interpreter(monkeypatch):
+    from crmvae_fast import _backend
+
+    case = bench.Case("train_step", "step", 2, 256, 32, "float32", {"features": 64})
+    monkeypatch.setattr(_backend, "INTERPRET", True)
+    assert bench.counts_batch(case, torch.device("cpu")) == bench.COUNT_SMALL_B
+    assert bench.counts_batch(case, torch.device("cuda")) == 256
+    monkeypatch.setattr(_backend, "INTERPRET", False)
+    assert bench.counts_batch(case, torch.device("cpu")) == 256
+
+
+def test_latent_step_fused_rows_carry_modelled_kernel_figures():
+    pytest.importorskip("triton", reason="no triton: no kernels to model")
+    dev = torch.device("cpu")
+    env = bench.environment(dev)
+    rows = {m: bench.run_case(_smoke_case("latent_step", m), "fused", dev, env, smoke=True, log=None)
+            for m in ("fwd", "bwd", "full")}
+    for m, r in rows.items():
+        assert r["skipped"] is None and r["figures_reason"] is None, r["figures_reason"]
+        assert r["modelled"] is True and r["warp_instr_per_element"] > 0 and r["bytes_per_element"] > 0
+        assert r["registers"] > 0 and 0 < r["occupancy"] <= 1 and r["spills"] >= 0
+        assert r["H100_issue_us"] > 0 and r["H100_memory_us"] > 0 and r["launches"] is None
+    assert [len(rows[m]["modelled_kernels"]) for m in ("fwd", "bwd", "full")] == [1, 1, 2]
+    assert "_fwd_" in rows["fwd"]["modelled_kernels"][0] and "_bwd_" in rows["bwd"]["modelled_kernels"][0]
+    for k in ("warp_instr_per_element", "bytes_per_element", "H100_issue_us", "H200_memory_us"):
+        assert rows["full"][k] == pytest.approx(rows["fwd"][k] + rows["bwd"][k])
+    eager = bench.run_case(_smoke_case("latent_step", "fwd"), "eager", dev, env, smoke=True, log=None)
+    assert eager["modelled"] is None and eager["warp_instr_per_element"] is None
+    assert "warp-instr/el" in bench.format_table(list(rows.values()) + [eager])
+
+
+def test_latent_figures_compile_once_per_size_and_a_failure_is_a_reason(monkeypatch):
+    from crmvae_fast import kernel_report
+    from crmvae_fast.bench import cases
+
+    calls = []
+
+    def failing(M, B, D, dtype):
+        calls.append((M, B, D, dtype))
+        raise RuntimeError("kernel report: compiling the kernels for sm_90 failed (exit 1):\nno ptxas")
+
+    monkeypatch.setattr(cases, "_KERNEL_FIGURES", {})
+    monkeypatch.setattr(kernel_report, "analyze", failing)
+    figures = bench.SPECS["latent_step"].figures
+    dev = torch.device("cpu")
+    out = [figures(_smoke_case("latent_step", m), "fused", dev) for m in ("fwd", "bwd", "full")]
+    assert len(calls) == 1  # one compilation for the three modes of a size
+    assert all(o["modelled"] is True and "RuntimeError" in o["figures_reason"] and "sm_90" in o["figures_reason"]
+               and "warp_instr_per_element" not in o for o in out)
+    assert figures(_smoke_case("latent_step", "fwd"), "eager", dev) == {}
+    # through the runner: the row is made, timed, and says why it has no figures
+    row = bench.run_case(_smoke_case("latent_step", "fwd"), "fused", dev, bench.environment(dev), smoke=True,
+                         log=None)
+    assert row["skipped"] is None and row["median_ms"] > 0 and "sm_90" in row["figures_reason"]
+    assert "no figures" in bench.format_table([row])

@@ -16,17 +16,19 @@ and, on a GPU, the achieved bandwidth against the card's measured device-to-devi
 """
 
 from .cases import (  # noqa: F401
-    CPU_MAX_LATENT_ELEMS, CPU_MAX_TRAIN_ROWS, CPU_QUICK_COMPILE_SIZE, FULL_B, FULL_D, FULL_M, FULL_SIZES,
+    COUNT_MAX_INTERP_ELEMS, COUNT_SMALL_B, CPU_MAX_LATENT_ELEMS, CPU_MAX_TRAIN_ROWS, CPU_QUICK_COMPILE_SIZE, FULL_B,
+    FULL_D, FULL_M, FULL_SIZES,
     GPU_COMPILE_TRAIN_SIZES, GPU_MULTIVAE_NLL_POINTS, LATENT_BYTES_FORMULA, MODES, NLL_FEATURES, NLL_LATENT, NLL_M,
-    OPS, PROVIDERS, SPECS, TARGET, TRAIN_FEATURES, BenchSpec, Case, Skip, latent_inputs, latent_step_bytes, op_bench,
-    register_bench, size_id, suite_cases,
+    OPS, PROVIDERS, SPECS, TARGET, TRAIN_FEATURES, BenchSpec, Case, Skip, counts_batch, latent_inputs,
+    latent_step_bytes, op_bench, register_bench, size_id, suite_cases,
 )
 from .environment import (  # noqa: F401
     DEFAULT_RESULTS, compile_unavailable, default_device, default_results_path, device_name, dtype_of, environment,
     multivae_unavailable, package_version,
 )
 from .report import (  # noqa: F401
-    ROW_KEYS, append_rows, attach_speedups, backend_of, format_table, make_row, plot, read_rows,
+    FIGURE_KEYS, ROW_KEYS, append_rows, attach_speedups, backend_of, figures_cell, format_table, make_row, plot,
+    read_rows,
 )
 from .runner import build, run_case, run_suite, skip_reason  # noqa: F401
 from .timing import copy_bandwidth_gbps, peak_memory_mb, pytest_timer, summarize, time_fn  # noqa: F401

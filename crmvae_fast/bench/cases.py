@@ -60,6 +60,10 @@ GPU_COMPILE_TRAIN_SIZES = ((5, 4096, 512),)
 GPU_MULTIVAE_NLL_POINTS = 50
 #: A quick CPU run compiles the latent step at this size only.
 CPU_QUICK_COMPILE_SIZE = (5, 4096, 32)
+#: A train_step case is counted (launches, modelled bytes) at COUNT_SMALL_B instead of its B under the Triton
+#: interpreter on a CPU past this M*B*D (a fused count at M=5, B=64, D=32 takes 35 s there).
+COUNT_MAX_INTERP_ELEMS = 1 << 10
+COUNT_SMALL_B = 16
 
 
 class Skip(Exception):
@@ -102,6 +106,10 @@ class BenchSpec:
     * ``nbytes(case) -> int`` and ``bytes_formula[mode]``: the fewest bytes a call must move (None when the op
       is not bound by bytes; ``bytes_formula`` then says why).
     * ``baselines``: the provider that speed-ups are taken against, first one that ran wins.
+    * ``figures(case, provider, device) -> dict``: device-independent figures merged into a row that ran
+      (:data:`~crmvae_fast.bench.report.FIGURE_KEYS`: counted launches and modelled bytes of a train step,
+      modelled kernel figures of the fused latent step), taken once per (case, provider) outside the timed
+      region; None: none.
     * ``heavy``: a whole step (long calls: fewer repetitions, no warm-up); ``x_axis``: the plot's x (``"MBD"``
       or ``"n"``, the number of data points in ``B``); ``target(case)``: run first so a time budget never
       drops it.
@@ -118,6 +126,7 @@ class BenchSpec:
     bytes_formula: Dict[str, str] = field(default_factory=dict)
     baselines: Tuple[str, ...] = ("eager",)
     heavy: bool = False
+    figures: Optional[Callable[..., dict]] = None
     x_axis: str = "MBD"
     target: Callable[[Case], bool] = lambda c: (c.M, c.B, c.D) == TARGET
 
@@ -377,10 +386,45 @@ def _build_latent(case: Case, provider: str, device: torch.device):
 
 
 
+#: (M, B, D, dtype) -> kernel_report.analyze rows, or the reason it failed: each size is compiled once per process
+#: (the tiles, hence the kernels, depend on B too: ``kernels.latent_step._tiles``).
+_KERNEL_FIGURES: dict = {}
+
+
+def _latent_figures(case: Case, provider: str, device: torch.device) -> dict:
+    """The fused rows' modelled kernel figures (:func:`crmvae_fast.kernel_report.analyze`: sm_90 cubin built
+    in a subprocess, no GPU): ``fwd`` the forward kernel, ``bwd`` the backward, ``full`` both (instructions,
+    bytes and times summed, registers the larger, spills summed, occupancy the lower). A failed compilation
+    gives ``figures_reason``, never an exception."""
+    if provider != "fused":
+        return {}
+    key = (case.M, case.B, case.D, case.dtype)
+    if key not in _KERNEL_FIGURES:
+        try:
+            from ..kernel_report import analyze
+
+            _KERNEL_FIGURES[key] = analyze(case.M, case.B, case.D, case.dtype)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()
+            _KERNEL_FIGURES[key] = (f"kernel report failed: {exc.__class__.__name__}: "
+                                    f"{msg[0] if msg else ''}")[:300]
+    rows = _KERNEL_FIGURES[key]
+    if isinstance(rows, str):
+        return {"modelled": True, "figures_reason": rows}
+    ks = [r for r in rows if ("_bwd_" in r["name"]) == (case.mode == "bwd")] if case.mode != "full" else rows
+    out = {"modelled": True, "modelled_kernels": [r["name"] for r in ks],
+           "registers": max(r["registers"] for r in ks), "spills": sum(r["spills"] for r in ks),
+           "occupancy": min(r["occupancy"] for r in ks)}
+    for k in ("warp_instr_per_element", "bytes_per_element", "H100_issue_us", "H100_memory_us",
+              "H200_issue_us", "H200_memory_us"):
+        out[k] = sum(r[k] for r in ks)
+    return out
+
+
 register_bench(BenchSpec(
     name="latent_step", modes=("fwd", "bwd", "full"), providers=("eager", "fused", "compile"),
     cases=_latent_cases, build=lambda case, provider, device, quick: (_build_latent(case, provider, device), None),
-    uses=("latent_step",), skip=_latent_skip,
+    uses=("latent_step",), skip=_latent_skip, figures=_latent_figures,
     nbytes=lambda c: latent_step_bytes(c.M, c.B, c.D, c.mode, dtype_of(c.dtype).itemsize),
     bytes_formula=LATENT_BYTES_FORMULA,
 ))
@@ -499,16 +543,21 @@ def _random_batch(M: int, B: int, F: int, device, g: torch.Generator, missing: f
     return {"data": data, "masks": {f"m{i}": mask[i].to(device) for i in range(M)}}
 
 
-def _build_train(case: Case, provider: str, device: torch.device):
+def _train_model(case: Case, provider: str, device: torch.device, B: int) -> tuple:
+    """``(model, batch)`` of a train_step case at batch size ``B``: same seed, same weights for every provider."""
     CRMVAE, CRMVAEConfig = _model_api()
-    M, B, D, F = case.M, case.B, case.D, case.params.get("features", TRAIN_FEATURES)
+    M, D, F = case.M, case.D, case.params.get("features", TRAIN_FEATURES)
     cfg = CRMVAEConfig(n_modalities=M, latent_dim=D, input_dims={f"m{i}": (F,) for i in range(M)})
     torch.manual_seed(0)
     model = CRMVAE(cfg, fast_kernels=(provider == "fused")).to(device)
+    return model, _random_batch(M, B, F, device, torch.Generator().manual_seed(0))
+
+
+def _build_train(case: Case, provider: str, device: torch.device):
     if case.dtype != "float32":
         raise Skip("train_step is measured in float32 only")
+    model, batch = _train_model(case, provider, device, case.B)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    batch = _random_batch(M, B, F, device, torch.Generator().manual_seed(0))
     call = _compiled(model) if provider == "compile" else model
 
     def fn():
@@ -523,10 +572,39 @@ def _build_train(case: Case, provider: str, device: torch.device):
 
 
 
+def counts_batch(case: Case, device: torch.device) -> int:
+    """The B a train_step case is counted at: its own, except under the Triton interpreter on a CPU past
+    :data:`COUNT_MAX_INTERP_ELEMS` (slow there), where it is :data:`COUNT_SMALL_B` for every provider of the
+    case. The launches do not depend on B (no data-dependent branch: same counts at B = 16, 32, 64 for eager and
+    fused, M in {2, 5}, D in {8, 32}); the modelled bytes do, so rows carry ``counts_B``."""
+    from .._backend import INTERPRET
+
+    if device.type == "cpu" and INTERPRET and case.M * case.B * case.D > COUNT_MAX_INTERP_ELEMS:
+        return min(case.B, COUNT_SMALL_B)
+    return case.B
+
+
+def _train_figures(case: Case, provider: str, device: torch.device) -> dict:
+    """Launches and modelled bytes of one forward + backward (:func:`crmvae_fast.counts.count_step`: non-view
+    ATen ops + Triton launches, optimizer excluded) of the case's model, at :func:`counts_batch`. They count
+    what runs here (the row's ``backend``). Not for ``compile`` (a second compilation of the whole model:
+    ``python -m crmvae_fast.counts --compile``)."""
+    if provider == "compile":
+        return {"figures_reason": "not counted in the suite (a second whole-model compilation); "
+                                  "python -m crmvae_fast.counts --compile counts it"}
+    from ..counts import count_step
+
+    B = counts_batch(case, device)
+    model, batch = _train_model(case, provider, device, B)
+    c = count_step(model, batch)
+    return {"launches": c.launches, "aten_launches": c.aten, "triton_launches": c.triton,
+            "bytes_modelled": c.bytes, "counts_B": B}
+
+
 register_bench(BenchSpec(
     name="train_step", modes=("step",), providers=("eager", "fused", "compile"),
     cases=_train_cases, build=lambda case, provider, device, quick: (_build_train(case, provider, device), None),
-    uses=("latent_step", "likelihood"), skip=_train_skip,
+    uses=("latent_step", "likelihood"), skip=_train_skip, figures=_train_figures,
     bytes_formula={"step": "not reported: matmul-bound (decoders / MLP), bytes do not bound it"},
     heavy=True,
 ))

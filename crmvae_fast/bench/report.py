@@ -21,7 +21,16 @@ ROW_KEYS = (
     "median_ms", "q20_ms", "q80_ms", "reps", "timer",
     "peak_mem_mb", "bytes", "bytes_formula", "gbps", "copy_gbps", "bw_fraction",
     "baseline", "speedup", "skipped", "note",
+) + (
+    # device-independent figures (BenchSpec.figures), None where the op has none: a train step's counted
+    # launches and modelled bytes per forward + backward (crmvae_fast.counts), the fused latent step's modelled
+    # kernel figures (crmvae_fast.kernel_report; ``modelled`` is True), or why they are missing
+    "launches", "aten_launches", "triton_launches", "bytes_modelled", "counts_B",
+    "modelled", "modelled_kernels", "warp_instr_per_element", "bytes_per_element", "registers", "spills",
+    "occupancy", "H100_issue_us", "H100_memory_us", "H200_issue_us", "H200_memory_us", "figures_reason",
 )
+#: The device-independent fields of :data:`ROW_KEYS`.
+FIGURE_KEYS = ROW_KEYS[ROW_KEYS.index("launches"):]
 
 #: Said in a row (and the table) instead of a speed-up when it ran the same backend as its baseline.
 SAME_BACKEND = "ran the same backend as the baseline {base} ({backend}) here: no speed-up reported"
@@ -151,11 +160,29 @@ def _speedup_cell(r: dict) -> str:
     return "-"
 
 
+def figures_cell(r: dict) -> str:
+    """The device-independent figures of a row in a few words (``-`` when it has none): counted launches and
+    modelled MB per forward + backward (and the B they were counted at when not the row's), or the modelled
+    warp-instructions per element and H100 issue / memory microseconds."""
+    if r.get("launches") is not None:
+        at = f" at B={r['counts_B']}" if r.get("counts_B") not in (None, r.get("B")) else ""
+        return (f"{r['launches']} launches ({r.get('triton_launches') or 0} triton), "
+                f"{r['bytes_modelled'] / 1e6:.3g} MB modelled{at}")
+    if r.get("warp_instr_per_element") is not None:
+        return (f"{r['warp_instr_per_element']:.1f} warp-instr/el, H100 issue/mem "
+                f"{r['H100_issue_us']:.3g}/{r['H100_memory_us']:.3g} us (modelled)")
+    return "-"
+
+
 def format_table(rows: List[dict]) -> str:
     """A plain-text table: one line per (case, provider), times in ms with the 20-80 % range, the speed-up
-    over the baseline, peak memory and, for the latent step, GB/s and the fraction of the copy bandwidth."""
+    over the baseline, peak memory and, for the latent step, GB/s and the fraction of the copy bandwidth; a
+    last column of device-independent figures (:func:`figures_cell`) when some row has them."""
     head = ["op", "mode", "M", "B", "D", "provider", "backend", "median ms", "q20-q80 ms", "speed-up",
             "peak MB", "GB/s", "% copy BW"]
+    with_figures = any(figures_cell(r) != "-" for r in rows if not r.get("skipped"))
+    if with_figures:
+        head.append("counted / modelled (device-independent)")
     lines = [head]
     order = {p: i for i, p in enumerate(PROVIDERS)}
     ops = list(SPECS)
@@ -170,11 +197,14 @@ def format_table(rows: List[dict]) -> str:
                       _fmt(r["median_ms"], ".4g"), f"{_fmt(r['q20_ms'], '.4g')}-{_fmt(r['q80_ms'], '.4g')}",
                       _speedup_cell(r), _fmt(r.get("peak_mem_mb"), ".1f"),
                       _fmt(r.get("gbps"), ".1f"),
-                      "-" if r.get("bw_fraction") is None else f"{100 * r['bw_fraction']:.0f}%"])
+                      "-" if r.get("bw_fraction") is None else f"{100 * r['bw_fraction']:.0f}%"]
+                     + ([figures_cell(r)] if with_figures else []))
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     out = ["  ".join(c.ljust(w) for c, w in zip(l, widths)).rstrip() for l in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
-    notes = sorted({r["note"] for r in rows if r.get("note")})
+    notes = sorted({r["note"] for r in rows if r.get("note")} |
+                   {f"{r['op']} [{r['provider']}]: no figures: {r['figures_reason']}" for r in rows
+                    if r.get("figures_reason") and not r.get("skipped")})
     if notes:
         out += ["", "notes:"] + [f"  {n}" for n in notes]
     if skipped:

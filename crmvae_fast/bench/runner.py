@@ -97,6 +97,13 @@ def run_case(case: Case, provider: str, device: torch.device, env: dict, *, quic
         del fn
     row = make_row(env, case, provider, device, stats=summarize(samples), timer=timer_name, peak_mem_mb=peak,
                    note=note)
+    figures = SPECS[case.op].figures
+    if figures is not None:  # device-independent figures, once per (case, provider), outside the timed region
+        try:
+            row.update(figures(case, provider, device))
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()
+            row["figures_reason"] = f"failed: {exc.__class__.__name__}: {msg[0] if msg else ''}"[:300]
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if log:
