@@ -145,10 +145,9 @@ def _worker(rank, port, out_dir):
                                                         batch_size_K=5, batch_size=3, progress=False)
     res["cond_stub"] = cf.evaluate_cond_nll(CondStub(), dataset, ["x0", "x1"], ["x1", "x2"], K=3, batch_size=2,
                                             progress=False)
-    if hasattr(cf.CRMVAE, "compute_cond_nll"):
-        torch.manual_seed(12 + rank)
-        res["cond_crmvae"] = cf.evaluate_cond_nll(model, dataset, "x0", ["x1", "x2"], K=4, batch_size_K=2,
-                                                  batch_size=2, progress=False)
+    torch.manual_seed(12 + rank)
+    res["cond_crmvae"] = cf.evaluate_cond_nll(model, dataset, "x0", ["x1", "x2"], K=4, batch_size_K=2,
+                                              batch_size=2, progress=False)
 
     # MultiVae's BaseTrainer in distributed mode on CPUs: the README's two-line workaround. It ends the group.
     import multivae.trainers.base.base_trainer as mv_trainer
@@ -272,8 +271,6 @@ def test_cond_nll_sums_the_batch_means_over_ranks(two_ranks):
         assert res["cond_stub"] == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.skipif(not hasattr(cf.CRMVAE, "compute_cond_nll"),
-                    reason="needs CRMVAE.compute_cond_nll, which issue 8 adds (the lead merges both)")
 def test_cond_nll_of_crmvae_over_ranks(two_ranks):
     """Rank r drew with seed 12 + r on its block: one process on the same blocks with the same seeds gives the
     same sums, and every rank returns the total."""
@@ -424,9 +421,12 @@ def test_evaluate_command(tmp_path, capsys):
     torch.manual_seed(0)
     want = cf.evaluate_joint_nll(model, data, K=4, batch_size=3, progress=False)
     assert f"({want:.2f} summed over 10;" in text, (text, want)
-    if not hasattr(cf.CRMVAE, "compute_cond_nll"):
-        assert cli.main(args + ["--cond-mod", "image", "--gen-mod", "label"]) == 2
-        assert "no compute_cond_nll" in capsys.readouterr().err
+    torch.manual_seed(0)
+    assert cli.main(args + ["--cond-mod", "image", "--gen-mod", "label"]) == 0
+    text = capsys.readouterr().out
+    torch.manual_seed(0)
+    want = cf.evaluate_cond_nll(model, data, ["image"], ["label"], K=4, batch_size=3, progress=False)["label"]
+    assert f"given image (K=4): {want:.2f} summed over" in text, (text, want)
 
 
 def test_cond_nll_sums_count_each_scored_point_once():
