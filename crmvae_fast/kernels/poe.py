@@ -113,14 +113,12 @@ def _product(ell, mu, sel, prior_ell, PRIOR: tl.constexpr):
     return a, mu_J, lv_J, ok
 
 
-@triton.jit(do_not_specialize=["B", "S"])
-def _poe_fwd_kernel(
-    mu_ptr, lv_ptr, w_ptr, sub_ptr, muJ_ptr, lvJ_ptr,
-    M, B, D, S, stride_wm, stride_wb, stride_ss, stride_sm, log_floor, prior_ell,
-    HAS_MASK: tl.constexpr, HAS_SUBSETS: tl.constexpr, HAS_FLOOR: tl.constexpr, PRIOR: tl.constexpr,
-    CT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Program (b, chunk): loads the M experts of one D-chunk once, writes the S products of that chunk."""
+@triton.jit
+def _load_experts(mu_ptr, lv_ptr, w_ptr, M, B, D, stride_wm, stride_wb, HAS_MASK: tl.constexpr, CT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (b, chunk)'s tile: its offsets and masks, and the M experts of the chunk, masked entries zeroed
+    by a select (placeholders never reach the math): ``(b, offs_d, okd, offs_m64, okm, BD, ok2, obs, offs, mu,
+    lv)``."""
     b = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     okd = offs_d < D
@@ -138,8 +136,19 @@ def _poe_fwd_kernel(
     offs = offs_m64[:, None] * BD + b * D + offs_d[None, :]
     mu = tl.load(mu_ptr + offs, mask=ok2, other=0.0).to(CT)
     lv = tl.load(lv_ptr + offs, mask=ok2, other=0.0).to(CT)
-    mu = tl.where(obs, mu, 0.0)
-    lv = tl.where(obs, lv, 0.0)
+    return b, offs_d, okd, offs_m64, okm, BD, ok2, obs, offs, tl.where(obs, mu, 0.0), tl.where(obs, lv, 0.0)
+
+
+@triton.jit(do_not_specialize=["B", "S"])
+def _poe_fwd_kernel(
+    mu_ptr, lv_ptr, w_ptr, sub_ptr, muJ_ptr, lvJ_ptr,
+    M, B, D, S, stride_wm, stride_wb, stride_ss, stride_sm, log_floor, prior_ell,
+    HAS_MASK: tl.constexpr, HAS_SUBSETS: tl.constexpr, HAS_FLOOR: tl.constexpr, PRIOR: tl.constexpr,
+    CT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (b, chunk): loads the M experts of one D-chunk once, writes the S products of that chunk."""
+    b, offs_d, okd, offs_m64, okm, BD, ok2, obs, offs, mu, lv = _load_experts(
+        mu_ptr, lv_ptr, w_ptr, M, B, D, stride_wm, stride_wb, HAS_MASK, CT, BLOCK_M, BLOCK_D)
     ell, dl = _log_precision(lv, log_floor, HAS_FLOOR)
     pl = prior_ell
     out = b * D + offs_d
@@ -163,26 +172,9 @@ def _poe_bwd_kernel(
     CT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Program (b, chunk): recomputes each of the S products and sums their gradients into d mu, d lv."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b, offs_d, okd, offs_m64, okm, BD, ok2, obs, offs, mu, lv = _load_experts(
+        mu_ptr, lv_ptr, w_ptr, M, B, D, stride_wm, stride_wb, HAS_MASK, CT, BLOCK_M, BLOCK_D)
     offs_d64 = offs_d.to(tl.int64)
-    okd = offs_d < D
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_m64 = offs_m.to(tl.int64)
-    okm = offs_m < M
-    BD = B.to(tl.int64) * D
-    if HAS_MASK:
-        w = tl.load(w_ptr + offs_m64 * stride_wm + b * stride_wb, mask=okm, other=0) != 0
-    else:
-        w = okm
-    w = w & okm
-    ok2 = okm[:, None] & okd[None, :]
-    obs = w[:, None] & ok2
-    offs = offs_m64[:, None] * BD + b * D + offs_d[None, :]
-    mu = tl.load(mu_ptr + offs, mask=ok2, other=0.0).to(CT)
-    lv = tl.load(lv_ptr + offs, mask=ok2, other=0.0).to(CT)
-    mu = tl.where(obs, mu, 0.0)
-    lv = tl.where(obs, lv, 0.0)
     ell, dl = _log_precision(lv, log_floor, HAS_FLOOR)
     pl = prior_ell
     dmu = tl.zeros([BLOCK_M, BLOCK_D], dtype=CT)
