@@ -17,6 +17,14 @@ import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+from crmvae_fast import _backend  # noqa: E402  (after TRITON_INTERPRET is set)
+
+#: For tests of the Triton kernels themselves: ``from conftest import needs_kernels``.
+needs_kernels = pytest.mark.skipif(
+    not _backend.triton_runs_on(DEVICE),
+    reason="the Triton kernels cannot run here: no GPU and TRITON_INTERPRET!=1 (conftest sets it without a GPU)",
+)
+
 
 @pytest.fixture
 def device():

@@ -1,16 +1,10 @@
 """``crmvae_fast.counts``: the launch counter counts what the code dispatches, and the fused training step of
 issue 11's workload stays within its launch budget (a regression bound, counted, not timed)."""
 
-import pytest
 import torch
+from conftest import DEVICE, needs_kernels
 
-from crmvae_fast import _backend, counts
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_kernels = pytest.mark.skipif(
-    not _backend.triton_runs_on(DEVICE),
-    reason="the fused path needs a GPU or TRITON_INTERPRET=1 set before import (tests/conftest.py sets it)",
-)
+from crmvae_fast import counts
 
 #: Issue 11's target for a fused forward + backward of its workload (it was 315 by this counter, 336 by the
 #: issue's, before the fused likelihood and the concatenated decoding).

@@ -17,10 +17,7 @@ from crmvae_fast.ops import latent_step
 
 ls_mod = importlib.import_module("crmvae_fast.kernels.latent_step")  # the module (the package exports the function)
 
-needs_kernels = pytest.mark.skipif(
-    not _backend.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-    reason="the Triton kernels cannot run here: no GPU and TRITON_INTERPRET!=1 (conftest sets it without a GPU)",
-)
+from conftest import needs_kernels  # noqa: E402
 
 # (atol, rtol) for outputs and for gradients, per input dtype. Low precision: the reference rounds mu_J and lv_J
 # to the input dtype before the KLs and z_J, the kernel keeps them in float32, so the KL sums differ by that

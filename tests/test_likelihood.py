@@ -19,10 +19,7 @@ from crmvae_fast.ops import likelihood
 
 lk_mod = importlib.import_module("crmvae_fast.kernels.likelihood")
 
-needs_kernels = pytest.mark.skipif(
-    not _backend.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-    reason="the Triton kernels cannot run here: no GPU and TRITON_INTERPRET!=1 (conftest sets it without a GPU)",
-)
+from conftest import needs_kernels  # noqa: E402
 
 # (atol, rtol) for values and for gradients, per recon dtype (the arithmetic is float32, float64 for float64).
 TOL = {

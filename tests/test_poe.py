@@ -23,10 +23,7 @@ multivae_utils = pytest.importorskip("multivae.models.base.base_utils",
                                      reason="MultiVae 1.0.3 (the outside witness) is not installed")
 poe_mod = importlib.import_module("crmvae_fast.kernels.poe")  # the module (the package exports the function)
 
-needs_kernels = pytest.mark.skipif(
-    not _backend.triton_runs_on(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-    reason="the Triton kernels cannot run here: no GPU and TRITON_INTERPRET!=1 (conftest sets it without a GPU)",
-)
+from conftest import needs_kernels  # noqa: E402
 
 # (atol, rtol) for outputs and gradients, per input dtype; low precision rounds the inputs and outputs only
 # (arithmetic is float32), so its tolerance is a few units in the last place of the output dtype.
