@@ -15,6 +15,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+try:  # CI runs the property tests on a fixed set of examples (a red run must mean a change broke something, not
+    # that a new random example turned up); on a developer's machine they draw fresh examples each run.
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("ci", derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    if os.environ.get("CI") == "true":
+        settings.load_profile("ci")
+except ImportError:  # pragma: no cover - hypothesis is in the test extras
+    pass
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 from crmvae_fast import _backend  # noqa: E402  (after TRITON_INTERPRET is set)
