@@ -9,22 +9,13 @@ samples, with the C++/CUDA extension for the importance weights.
 
 from __future__ import annotations
 
-import inspect
-import io
-import json
 import math
-import os
-import pickle
-import shutil
-import sys
-import tempfile
-from copy import deepcopy
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import persistence, reference
 from .common import LatentStep, compute_dtype
 from .config import CRMVAEConfig
 from .inputs import as_count, read_inputs, stack_masks
@@ -553,115 +544,22 @@ class CRMVAE(nn.Module):
         return torch.cat(lls)
 
     # ------------------------------------------------------------------------------------------ save / load
-    def save(self, dir_path: str) -> None:
-        """Save in MultiVae's folder format: ``model_config.json``, ``environment.json``, ``model.pt`` and
-        ``encoders.pkl`` / ``decoders.pkl`` for custom architectures. MultiVae's ``load_from_folder`` reads it.
-
-        Atomic: every file is first written to a temporary sibling folder; only when all are written do they
-        replace the files of ``dir_path`` (``os.replace``, one file at a time), so a save that fails half-way
-        (an encoder that cannot be pickled, a full disk) leaves the previous save as it was and loadable.
-        Other files in ``dir_path`` are left alone."""
-        dir_path = os.path.abspath(dir_path)
-        parent = os.path.dirname(dir_path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dir_path)}.saving-", dir=parent)
-        try:
-            with open(os.path.join(tmp, "environment.json"), "w", encoding="utf-8") as fp:
-                json.dump({"name": "EnvironmentConfig",
-                           "python_version": f"{sys.version_info[0]}.{sys.version_info[1]}"}, fp)
-            self.model_config.save_json(tmp, "model_config")
-            torch.save({"model_state_dict": deepcopy(self.state_dict())}, os.path.join(tmp, "model.pt"))
-            for archi in self.model_config.custom_architectures:
-                _pickle_module(getattr(self, archi), os.path.join(tmp, f"{archi}.pkl"))
-            _save_side_file(self, tmp)
-            if not os.path.exists(dir_path):
-                os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a saved folder gets the usual mode
-                os.replace(tmp, dir_path)  # a new folder appears whole, in one rename
-                return
-            if not os.path.isdir(dir_path):
-                raise NotADirectoryError(f"cannot save into {dir_path}: it is a file, expected a folder")
-            # The config last: a reader that sees the new config also sees the new weights.
-            names = sorted(os.listdir(tmp), key=lambda f: f == "model_config.json")
-            for f in names:
-                os.replace(os.path.join(tmp, f), os.path.join(dir_path, f))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    def save(self, dir_path) -> str:
+        """Save in MultiVae's folder format (``model_config.json``, ``environment.json``, ``model.pt``,
+        ``encoders.pkl`` / ``decoders.pkl`` for custom architectures) plus this package's ``crmvae_fast.json``;
+        MultiVae's ``load_from_folder`` reads it. All or nothing, keeping the folder's other files: returns
+        ``"swap"`` or ``"in_place"``, the strategy that ran (:func:`crmvae_fast.persistence.save_model`)."""
+        return persistence.save_model(self, dir_path)
 
     @classmethod
-    def load_from_folder(cls, dir_path: str, fast_kernels: Optional[bool] = None) -> "CRMVAE":
-        """Load a folder written by :meth:`save` or by MultiVae's ``CRMVAE.save``. ``fast_kernels=None`` takes
-        the value saved in the folder's ``crmvae_fast.json`` (True for a folder MultiVae wrote)."""
-        if fast_kernels is None:
-            fast_kernels = _load_side_file(dir_path).get("fast_kernels", True)
-        files = os.listdir(dir_path)
-        for f in ("model_config.json", "model.pt"):
-            if f not in files:
-                raise FileNotFoundError(f"{dir_path} lacks {f}: not a saved CRMVAE folder")
-        _check_saved_model_name(dir_path)
-        config = CRMVAEConfig.from_json_file(os.path.join(dir_path, "model_config.json"))
-        weights = torch.load(os.path.join(dir_path, "model.pt"), map_location="cpu", weights_only=False)
-        if "model_state_dict" not in weights:
-            raise KeyError(f"model.pt holds no 'model_state_dict'; its keys are {list(weights)}")
-        archis = {}
-        for archi in config.custom_architectures:
-            path = os.path.join(dir_path, f"{archi}.pkl")
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{dir_path} lacks {archi}.pkl, needed to rebuild the custom {archi}")
-            with open(path, "rb") as fp:
-                archis[archi] = _CPUUnpickler(fp).load()
-        model = cls(config, fast_kernels=fast_kernels, **archis)
-        model.load_state_dict(weights["model_state_dict"])
-        return model
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _check_saved_model_name(dir_path: str) -> None:
-    """Raise ``ValueError`` when ``model_config.json`` in ``dir_path`` is the config of another model (MultiVae
-    writes ``"name": "<Model>Config"``, e.g. ``"MVTCAEConfig"``) instead of failing later on its fields."""
-    path = os.path.join(dir_path, "model_config.json")
-    try:
-        with open(path, encoding="utf-8") as fp:
-            saved = json.load(fp)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}): not a saved CRMVAE folder") from exc
-    if not isinstance(saved, dict):
-        raise ValueError(f"{path} holds a {type(saved).__name__}, expected a JSON object: not a saved CRMVAE folder")
-    name = saved.get("name", "CRMVAEConfig")
-    if name != "CRMVAEConfig":
-        model = name[: -len("Config")] if isinstance(name, str) and name.endswith("Config") else name
-        raise ValueError(
-            f"{dir_path} holds a {model} (model_config.json names {name!r}), not a CRMVAE; load it with "
-            f"multivae.models.{model}.load_from_folder, or give the folder of a saved CRMVAE"
-        )
-
-
-#: What a saved folder keeps of this package's own settings. MultiVae reads only model_config.json, model.pt and
-#: the .pkl files, and its config parser refuses unknown fields, so these live in a side file it never opens.
-SIDE_FILE = "crmvae_fast.json"
-
-
-def _save_side_file(model: "CRMVAE", dir_path: str) -> None:
-    from . import __version__
-
-    with open(os.path.join(dir_path, SIDE_FILE), "w", encoding="utf-8") as fp:
-        json.dump({"fast_kernels": bool(model.fast_kernels), "crmvae_fast_version": __version__}, fp)
-
-
-def _load_side_file(dir_path: str) -> dict:
-    path = os.path.join(dir_path, SIDE_FILE)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as fp:
-        side = json.load(fp)
-    if not isinstance(side, dict) or not isinstance(side.get("fast_kernels", True), bool):
-        raise ValueError(f"{path} must hold a JSON object with a boolean 'fast_kernels', got {side!r}; "
-                         "delete the file or pass fast_kernels= to load_from_folder")
-    return side
+    def load_from_folder(cls, dir_path, fast_kernels: Optional[bool] = None, *, encoders: Optional[dict] = None,
+                         decoders: Optional[dict] = None) -> "CRMVAE":
+        """Load a folder written by :meth:`save` or by MultiVae's ``CRMVAE.save``; ``fast_kernels=None`` takes the
+        saved value. ``model.pt`` loads with ``weights_only=True``; pickled architectures are unpickled (with a
+        warning) only where the config lists them as custom, unless ``encoders`` / ``decoders`` give them in code.
+        A damaged folder raises :class:`crmvae_fast.persistence.CorruptFolderError` naming the file
+        (:func:`crmvae_fast.persistence.load_model`)."""
+        return persistence.load_model(cls, dir_path, fast_kernels, encoders=encoders, decoders=decoders)
 
 
 def _alias(name: str, value, alias: str, alias_value, default):
@@ -680,30 +578,3 @@ def _cpu_block_rows(data: dict) -> int:
         return NLL_MAX_ROWS_CPU
     widths = [x[0].numel() * max(4, x.element_size()) for x in data.values() if isinstance(x, Tensor) and len(x)]
     return max(1, min(NLL_MAX_ROWS_CPU, NLL_CPU_BLOCK_BYTES // max(widths + [1])))
-
-
-def _pickle_module(module: nn.Module, path: str) -> None:
-    try:
-        import cloudpickle
-    except ImportError:  # plain pickle works for modules whose classes are importable
-        with open(path, "wb") as fp:
-            pickle.dump(module, fp)
-        return
-    mod = inspect.getmodule(module)
-    try:
-        if mod is not None:
-            cloudpickle.register_pickle_by_value(mod)
-    except ValueError:
-        pass
-    with open(path, "wb") as fp:
-        cloudpickle.dump(module, fp)
-
-
-class _CPUUnpickler(pickle.Unpickler):
-    """Loads pickled modules on the CPU, whatever device their tensors were saved from (as pythae does)."""
-
-    def find_class(self, module, name):
-        if module == "torch.storage" and name == "_load_from_bytes":
-            return lambda b: torch.load(io.BytesIO(b), map_location="cpu", weights_only=False)
-        return super().find_class(module, name)
-

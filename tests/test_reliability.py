@@ -1,8 +1,6 @@
-"""A failed save loses nothing, a foreign folder is named, and the interpreted kernels are safe across threads
-(issue 9). Each test here failed before its fix (noted in its docstring)."""
+"""The interpreted kernels are safe across threads (issue 9; its saving and loading tests live in
+test_persistence.py). Each test here failed before its fix (noted in its docstring)."""
 
-import os
-import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +16,7 @@ DIMS = {"a": (4,), "b": (3,)}
 
 
 class Encoder(nn.Module):
-    """A custom encoder, so the save pickles it to encoders.pkl."""
+    """A custom encoder."""
 
     def __init__(self, n_in, latent=2):
         super().__init__()
@@ -38,100 +36,6 @@ def make_model(fast=False):
 def make_inputs(B=3):
     g = torch.Generator().manual_seed(1)
     return {"data": {m: torch.rand((B, *d), generator=g) for m, d in DIMS.items()}}
-
-
-def _weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-# ----------------------------------------------------------------------------------------------- saving
-def test_failed_save_leaves_the_previous_save_loadable(tmp_path):
-    """Before: a save failing half-way (an encoder that cannot be pickled) had already overwritten model.pt
-    and truncated encoders.pkl, so the previous, good save no longer loaded."""
-    model = make_model()
-    folder = tmp_path / "model"
-    model.save(folder)
-    good = _weights(model)
-    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    model.encoders["a"].lock = threading.Lock()  # cannot be pickled
-    with pytest.raises(Exception, match="pickle"):
-        model.save(folder)
-
-    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before  # not one byte changed
-    back = cf.CRMVAE.load_from_folder(folder, fast_kernels=False)
-    for k, v in back.state_dict().items():
-        torch.testing.assert_close(v, good[k], rtol=0, atol=0)
-    assert sorted(os.listdir(tmp_path)) == ["model"]  # the temporary folder is gone
-
-
-def test_failed_first_save_leaves_no_folder(tmp_path):
-    model = make_model()
-    model.encoders["b"].lock = threading.Lock()
-    with pytest.raises(Exception, match="pickle"):
-        model.save(tmp_path / "new")
-    assert os.listdir(tmp_path) == []
-
-
-def test_save_replaces_an_older_save_and_keeps_other_files(tmp_path):
-    folder = tmp_path / "model"
-    make_model().save(folder)
-    (folder / "training_config.json").write_text("{}")  # e.g. written by MultiVae's trainer beside the model
-    model = make_model()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(2.0)
-    model.save(folder)
-    back = cf.CRMVAE.load_from_folder(folder, fast_kernels=False)
-    for k, v in back.state_dict().items():
-        torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
-    assert (folder / "training_config.json").read_text() == "{}"
-    assert sorted(os.listdir(tmp_path)) == ["model"]
-
-
-def test_new_save_folder_has_the_usual_mode(tmp_path):
-    folder = tmp_path / "model"
-    make_model().save(folder)
-    want = 0o777 & ~_umask()
-    assert stat.S_IMODE(os.stat(folder).st_mode) == want
-
-
-def _umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def test_save_into_a_file_path_is_a_clear_error(tmp_path):
-    path = tmp_path / "file"
-    path.write_text("not a folder")
-    with pytest.raises(NotADirectoryError, match="it is a file, expected a folder"):
-        make_model().save(path)
-    assert path.read_text() == "not a folder" and sorted(os.listdir(tmp_path)) == ["file"]
-
-
-def test_loading_another_multivae_models_folder_names_it(tmp_path):
-    """Before: loading an MVTCAE folder failed with "unexpected keyword argument 'alpha'"."""
-    models = pytest.importorskip("multivae.models", reason="MultiVae 1.0.3 is the outside witness")
-    cfg = models.MVTCAEConfig(n_modalities=2, latent_dim=2, input_dims=DIMS)
-    models.MVTCAE(cfg).save(str(tmp_path / "mvtcae"))
-    with pytest.raises(ValueError, match=r"holds a MVTCAE \(model_config.json names 'MVTCAEConfig'\), not a "
-                                         r"CRMVAE; load it with multivae.models.MVTCAE.load_from_folder"):
-        cf.CRMVAE.load_from_folder(tmp_path / "mvtcae")
-
-
-def test_loading_a_folder_with_broken_config_is_a_clear_error(tmp_path):
-    folder = tmp_path / "model"
-    make_model().save(folder)
-    (folder / "model_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON .*not a saved CRMVAE folder"):
-        cf.CRMVAE.load_from_folder(folder)
-    (folder / "model_config.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="holds a list, expected a JSON object"):
-        cf.CRMVAE.load_from_folder(folder)
 
 
 # ------------------------------------------------------------------------------------------ thread safety
