@@ -330,7 +330,8 @@ def test_a_folder_whose_parent_is_not_writable_is_saved_in_place(tmp_path, monke
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root writes into a 0o555 folder anyway; the simulated test above covers it")
+                    reason="root writes into a 0o555 folder anyway (the simulated test above covers it); run it "
+                           "unprivileged, e.g. unshare -U python -m pytest --basetemp=/tmp/x -k read_only")
 @pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
 def test_a_folder_whose_parent_is_read_only_is_saved_in_place(tmp_path):
     parent = tmp_path / "p"
