@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -256,26 +256,23 @@ def _where(spec, device: str) -> tuple:
         return "error", _error(exc)
 
 
-def op_rows(ops: Sequence[str], devices: Sequence[str]) -> list:
-    """The verdict rows of the registered ops ``ops`` on ``devices`` (see :data:`CASES`)."""
-    rows = []
+def op_rows(ops: Sequence[str], devices: Sequence[str]) -> Iterator[dict]:
+    """The verdict rows of the registered ops ``ops`` on ``devices`` (see :data:`CASES`), as they come."""
     for name in ops:
         spec = registry.OPS[name]
         case = CASES.get(name)
         for device in devices:
             runner, reason = _where(spec, device)
             if case is None:
-                rows.append(_row(name, device, "-", runner, "FAIL",
-                                 f"no doctor case for the registered op {name!r}: add one to "
-                                 "crmvae_fast.doctor.CASES"))
+                yield _row(name, device, "-", runner, "FAIL", f"no doctor case for the registered op {name!r}: add "
+                           "one to crmvae_fast.doctor.CASES")
                 continue
             note = "no kernel here: the fused function ran its eager twin" if runner == "eager" else ""
             if runner == "error":
                 note = reason
             for dtype in case.dtypes:
                 for variant in case.variants:
-                    rows += _check_op(spec, case, device, dtype, variant, runner, note)
-    return rows
+                    yield from _check_op(spec, case, device, dtype, variant, runner, note)
 
 
 # ------------------------------------------------------------------------------------------------ model checks
@@ -351,23 +348,21 @@ MODEL_CHECKS = (
 )
 
 
-def model_rows(devices: Sequence[str]) -> list:
-    """The verdict rows of :data:`MODEL_CHECKS` on ``devices`` (float32)."""
-    rows = []
+def model_rows(devices: Sequence[str]) -> Iterator[dict]:
+    """The verdict rows of :data:`MODEL_CHECKS` on ``devices`` (float32), as they come."""
     spec = registry.OPS.get("latent_step")
     for name, fn, needs_cuda in MODEL_CHECKS:
         for device in devices:
             runner = _where(spec, device)[0] if spec is not None else "-"
             if needs_cuda and torch.device(device).type != "cuda":
                 if not any(torch.device(d).type == "cuda" for d in devices):
-                    rows.append(_row(name, "cuda", "float32", "-", "SKIP", "no CUDA device here"))
+                    yield _row(name, "cuda", "float32", "-", "SKIP", "no CUDA device here")
                 continue
             try:
                 got, want = fn(device)
-                rows.append(_judge(name, device, "float32", runner, got, want, TOL[torch.float32]["grad"], ""))
+                yield _judge(name, device, "float32", runner, got, want, TOL[torch.float32]["grad"], "")
             except Exception as exc:
-                rows.append(_row(name, device, "float32", runner, "FAIL", _error(exc)))
-    return rows
+                yield _row(name, device, "float32", runner, "FAIL", _error(exc))
 
 
 # ---------------------------------------------------------------------------------------------------- versions
@@ -419,7 +414,9 @@ def version_info() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ output
-_COLUMNS = ("check", "device", "dtype", "runner", "max_err", "err_over_tol", "verdict", "detail")
+_COLUMNS = (("check", "check", 28), ("device", "device", 6), ("dtype", "dtype", 8), ("runner", "runner", 18),
+            ("max_err", "max|err|", 8), ("err_over_tol", "err/tol", 8), ("verdict", "verdict", 7),
+            ("detail", "detail", 0))
 
 
 def _fmt(v) -> str:
@@ -430,16 +427,14 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def format_table(rows: Sequence[dict]) -> str:
-    """The verdict rows as an aligned text table."""
-    head = ["check", "device", "dtype", "runner", "max|err|", "err/tol", "verdict", "detail"]
-    body = [[_fmt(r[c]) for c in _COLUMNS] for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    widths[-1] = 0  # the detail column is not padded
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)).rstrip() for line in [head] + body)
+def format_row(row: Optional[dict] = None) -> str:
+    """One line of the verdict table (fixed column widths, so rows print as they come); the header when
+    ``row`` is None."""
+    cells = [title if row is None else _fmt(row[key]) for key, title, _ in _COLUMNS]
+    return "  ".join(c.ljust(w) for c, (_, _, w) in zip(cells, _COLUMNS)).rstrip()
 
 
-def _interpreter_rows(ops: Sequence[str], with_model: bool) -> list:
+def _interpreter_rows(ops: Sequence[str], with_model: bool) -> Iterator[dict]:
     """The checks of the Triton ops ``ops`` on CPU tensors, re-run in a child process started with
     ``TRITON_INTERPRET=1`` (it must be set before triton is imported)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -453,14 +448,16 @@ def _interpreter_rows(ops: Sequence[str], with_model: bool) -> list:
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         except subprocess.TimeoutExpired:
-            return [_row("interpreter run", "cpu", "-", "triton-interpreter", "FAIL", "took over 1800 s")]
+            yield _row("interpreter run", "cpu", "-", "triton-interpreter", "FAIL", "took over 1800 s")
+            return
         if not os.path.exists(path):
             tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
-            return [_row("interpreter run", "cpu", "-", "triton-interpreter", "FAIL",
-                         f"the child process exited {r.returncode} without rows: {tail[-400:]}")]
+            yield _row("interpreter run", "cpu", "-", "triton-interpreter", "FAIL",
+                       f"the child process exited {r.returncode} without rows: {tail[-400:]}")
+            return
         with open(path, encoding="utf-8") as fp:
             rows = json.load(fp)["rows"]
-    return [r for r in rows if r["runner"] == "triton-interpreter" or r["verdict"] == "FAIL"]
+    yield from (r for r in rows if r["runner"] == "triton-interpreter" or r["verdict"] == "FAIL")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -509,25 +506,26 @@ def run(args: argparse.Namespace) -> int:
     for name in ops:
         cells = [f"{d}: {runner}" + (f" ({why})" if runner in ("eager", "error") and why else "")
                  for d, (runner, why) in where[name].items()]
-        print(f"  {name:<14} " + "; ".join(cells))
+        print(f"  {name:<14} " + "; ".join(cells), flush=True)
 
-    rows = op_rows(ops, devices)
-    if not args.no_model:
-        rows += model_rows(devices)
+    rows = []
+    checks = itertools.chain(op_rows(ops, devices), model_rows(devices) if not args.no_model else ())
     triton_ops = [o for o in ops if registry.OPS[o].backend == "triton"]
     interp_note = ""
     if args.interpreter and "cpu" in devices and triton_ops:
         if _backend.INTERPRET:
             interp_note = "--interpreter: this process already runs the interpreter (TRITON_INTERPRET=1)"
         else:
-            print(f"\n(re-running {', '.join(triton_ops)} on CPU tensors through the Triton interpreter ...)",
-                  flush=True)
-            rows += _interpreter_rows(triton_ops, with_model=not args.no_model)
-    elif "cpu" in devices and triton_ops and not _backend.INTERPRET and not args.interpreter:
+            print(f"\n--interpreter: the checks of {', '.join(triton_ops)} on CPU tensors are re-run at the end "
+                  "through the Triton interpreter, in a child process started with TRITON_INTERPRET=1 (minutes)")
+            checks = itertools.chain(checks, _interpreter_rows(triton_ops, with_model=not args.no_model))
+    elif "cpu" in devices and triton_ops and not _backend.INTERPRET:
         interp_note = ("on CPU tensors the Triton ops ran their eager twin: add --interpreter to check the "
                        "kernels through the Triton interpreter")
-
-    print("\n" + format_table(rows))
+    print("\n" + format_row(), flush=True)
+    for row in checks:
+        rows.append(row)
+        print(format_row(row), flush=True)
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("PASS", "FAIL", "SKIP")}
     failed = sorted({r["check"].removesuffix(" fwd").removesuffix(" bwd") for r in rows if r["verdict"] == "FAIL"})
     print(f"\ndoctor: {len(rows)} checks, {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in "

@@ -39,7 +39,7 @@ def test_an_op_without_a_case_is_a_failed_check(monkeypatch):
     monkeypatch.setitem(registry.OPS, "bogus", registry.OpSpec(
         name="bogus", functions=("bogus",), twin="crmvae_fast.reference:poe", custom_ops=(), backend="triton",
         bench="poe", summary="an op registered without a doctor case"))
-    rows = doctor.op_rows(["bogus"], ["cpu"])
+    rows = list(doctor.op_rows(["bogus"], ["cpu"]))
     assert [r["verdict"] for r in rows] == ["FAIL"]
     assert "no doctor case" in rows[0]["detail"] and "bogus" in rows[0]["detail"]
 
