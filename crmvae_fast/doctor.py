@@ -85,22 +85,23 @@ def _mask(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
     return w
 
 
-def _experts_inputs(device, dtype, variant):
+def _experts(device, dtype):
+    """(M, B, D) means and log-variances, an (M, B) mask, and the generator to draw more from."""
     g = _gen()
-    mu = torch.randn(M, B, D, generator=g)
-    lv = 0.7 * torch.randn(M, B, D, generator=g)
-    return [t.to(device=device, dtype=dtype) for t in (mu, lv)] + [_mask(M, B, g).to(device)], g
+    mu = torch.randn(M, B, D, generator=g).to(device=device, dtype=dtype)
+    lv = (0.7 * torch.randn(M, B, D, generator=g)).to(device=device, dtype=dtype)
+    return mu, lv, _mask(M, B, g).to(device), g
 
 
 def _latent_step_case(device, dtype, variant):
-    (mu, lv, mask), g = _experts_inputs(device, dtype, variant)
+    mu, lv, mask, g = _experts(device, dtype)
     eps_J = torch.randn(B, D, generator=g).to(device=device, dtype=dtype)
     eps = torch.randn(M, B, D, generator=g).to(device=device, dtype=dtype)
     return (mu, lv, mask, eps_J, eps), {}
 
 
 def _poe_case(device, dtype, variant):
-    (mu, lv, mask), _ = _experts_inputs(device, dtype, variant)
+    mu, lv, mask, _ = _experts(device, dtype)
     if variant == "mask":  # MultiVae's poe (MVTCAE, CRMVAE)
         return (mu, lv, mask), {}
     subsets = torch.tensor([[m in s for m in range(M)] for r in range(1, M + 1)  # every non-empty subset
@@ -167,18 +168,26 @@ def _tensors(out) -> list:
     return list(zip(names, out))
 
 
+def _mismatch(got: Sequence, want: Sequence) -> str:
+    """What differs in the number, shapes or dtypes of two lists of ``(name, tensor)``; "" when nothing."""
+    if len(got) != len(want):
+        return f"{len(got)} outputs, the twin gives {len(want)}"
+    for (name, a), (_, e) in zip(got, want):
+        if a.shape != e.shape or a.dtype != e.dtype:
+            return f"{name}: {tuple(a.shape)} {a.dtype}, the twin gives {tuple(e.shape)} {e.dtype}"
+    return ""
+
+
 def compare(got: Sequence, want: Sequence, tol: tuple) -> tuple:
     """``(max |got - want|, max |got - want| / (atol + rtol |want|), problem)`` over pairs ``(name, tensor)``;
     problem is "" or says which output differs in shape or dtype, or holds NaN/inf where the other does not.
     Equal non-finite values (NaN and NaN, inf and inf) count as equal."""
     atol, rtol = tol
     max_err, ratio = 0.0, 0.0
-    if len(got) != len(want):
-        return math.inf, math.inf, f"{len(got)} outputs, the twin gives {len(want)}"
+    problem = _mismatch(got, want)
+    if problem:
+        return math.inf, math.inf, problem
     for (name, a), (_, e) in zip(got, want):
-        if a.shape != e.shape or a.dtype != e.dtype:
-            return math.inf, math.inf, (f"{name}: {tuple(a.shape)} {a.dtype}, the twin gives {tuple(e.shape)} "
-                                        f"{e.dtype}")
         a, e = a.detach().double().cpu(), e.detach().double().cpu()
         same = (a == e) | (a.isnan() & e.isnan())
         diff = torch.where(same, 0.0, (a - e).abs())
@@ -229,7 +238,7 @@ def _check_op(spec, case: Case, device: str, dtype, variant: str, runner: str, n
     if not case.grad_args:
         rows.append(_row(f"{name} bwd", device, dname, runner, "SKIP", case.no_backward))
         return rows
-    if any(a.shape != e.shape or a.dtype != e.dtype for (_, a), (_, e) in zip(got, want)) or len(got) != len(want):
+    if _mismatch(got, want):
         rows.append(_row(f"{name} bwd", device, dname, runner, "SKIP", "the outputs differ in shape or dtype"))
         return rows
     try:
@@ -295,14 +304,15 @@ def _step(model, batch, **kw) -> list:
     return [("loss", loss.detach().clone())] + [(f"d {n}", p.grad.clone()) for n, p in model.named_parameters()]
 
 
-def _model_vs_eager(device: str) -> list:
-    """The fused step against ``fast_kernels=False`` on zero noise (``use_mean_embedding=True``)."""
+def _model_vs_eager(device: str) -> tuple:
+    """``(fused, eager)``: the fused step and the ``fast_kernels=False`` one on zero noise
+    (``use_mean_embedding=True``), each as :func:`_step` gives it."""
     fused, batch = _default_model(device, fast=True)
     eager, _ = _default_model(device, fast=False)
     return _step(fused, batch, use_mean_embedding=True), _step(eager, batch, use_mean_embedding=True)
 
 
-def _model_cuda_graph(device: str) -> list:
+def _model_cuda_graph(device: str) -> tuple:
     """The fused step captured in a ``torch.cuda.CUDAGraph`` and replayed, against the same step uncaptured, on
     the same seed (the replay draws its noise from the generator's state at replay time)."""
     model, batch = _default_model(device)
@@ -325,7 +335,7 @@ def _model_cuda_graph(device: str) -> list:
     return got, _step(model, batch)
 
 
-def _model_compile(device: str) -> list:
+def _model_compile(device: str) -> tuple:
     """The fused step under ``torch.compile(fullgraph=True)`` against the same step uncompiled, on the same
     seed (inductor's ``fallback_random``, so the compiled step draws the seed of the in-kernel noise as eager)."""
     import torch._inductor.config as inductor_config
