@@ -52,7 +52,11 @@ if [ "$DRY" = 1 ]; then
     DOCTOR=(--device cpu --ops iw_logsumexp --no-model)
     PYTEST=(tests/test_doctor.py -q -p no:cacheprovider -k compare)
     BENCH=(--smoke --ops latent_step --providers eager --no-plot --quiet)
+    SIZES=(--M 2 --B 64 --D 16)
+    DDP=(--n-train 512)
 else
+    SIZES=()
+    DDP=(--n-train 16384)
     DOCTOR=()
     PYTEST=(tests -q -p no:cacheprovider --maxfail=20)
     "$PY" -c "import xdist" 2>/dev/null && PYTEST+=(-n 4)
@@ -130,9 +134,10 @@ grep -E "^doctor:|^note:" "$LOGS/doctor.log"
 step pytest 140 100 pytest.log "$PY" -m pytest "${PYTEST[@]}"
 tail -n 3 "$LOGS/pytest.log"
 
-step kernels 40 85 kernels.txt "$PY" benchmarks/measure_latent_kernels.py --json "$DEST/kernels.jsonl"
+step kernels 40 85 kernels.txt "$PY" benchmarks/measure_latent_kernels.py --json "$DEST/kernels.jsonl" \
+    ${SIZES[@]+"${SIZES[@]}"}
 step ddp 35 70 bench_ddp.log "$PY" benchmarks/bench_ddp.py --json "$LOGS/ddp_scaling.jsonl" --epochs 2 \
-    --n-train 16384 --budget-s 25
+    --budget-s 25 "${DDP[@]}"
 
 LEFT=$(( TOTAL - $(elapsed) - 20 ))
 step bench "$LEFT" 20 bench.log "$PY" -m crmvae_fast bench --json "$DEST/results.jsonl" \

@@ -68,6 +68,8 @@ def test_doctor_passes_on_this_machine(tmp_path, capsys):
     assert "all passed" in out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine's path (eager twins, then the "
+                    "interpreter in a child); with a GPU, test_doctor_passes_on_this_machine checks the kernels")
 def test_doctor_passes_on_the_eager_path_and_checks_the_interpreter_in_a_child(tmp_path):
     """``TRITON_INTERPRET=0``: the Triton ops run their eager twin on CPU tensors, and ``--interpreter`` re-runs
     their checks in a child process started with ``TRITON_INTERPRET=1``."""
