@@ -184,6 +184,7 @@ def cmd_info(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- doctor
+#: The doctor's one-line description (top-level help and its own parser).
 DOCTOR_HELP = "check this machine: versions, every op against its eager twin on each device"
 
 
@@ -587,13 +588,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     input (one line on stderr, no traceback), 130 when interrupted. argparse's own errors, ``--help`` and
     ``--version`` exit through ``SystemExit`` as usual."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command in LAZY_COMMANDS:
-        args.rest = rest
-    elif rest:
-        args.command_parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    prog = f"crmvae-fast {args.command}"
+    prog = "crmvae-fast"
     try:
+        args, rest = parser.parse_known_args(argv)  # a --device cuda check imports torch: it can be interrupted
+        prog = f"crmvae-fast {args.command}"
+        if args.command in LAZY_COMMANDS:
+            args.rest = rest
+        elif rest:
+            args.command_parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -469,7 +469,8 @@ def _bad_cases(root):
         (["evaluate", "--model", m, "--device", "gpu"], "gpu"),
         (["bench", "--ops", "nope"], "nope"), (["bench", "--providers", "eager,nope"], "nope"),
         (["bench", "--dtype", "int8"], "int8"), (["bench", "--json", str(root / "no" / "r.jsonl")], "create it"),
-        (["bench", "--json", str(root)], "is a folder"), (["bench", "--plot", os.path.join(f, "p.png")], "not a folder"),
+        (["bench", "--json", str(root)], "is a folder"),
+        (["bench", "--plot", os.path.join(f, "p.png")], "not a folder"),
         (["bench", "--budget-s", "0"], "--budget-s"), (["bench", "--budget-s", "nan"], "--budget-s"),
         (["bench", "--smoke", "--quick"], "not allowed"), (["bench", "--device", "tpu"], "tpu"),
         (["kernels", "--M", "0"], "--M"), (["kernels", "--B", "-1"], "--B"), (["kernels", "--D", "x"], "--D"),
@@ -597,7 +598,8 @@ def test_evaluate_uses_the_saved_fast_kernels_unless_told(tmp_path, capsys, monk
     from crmvae_fast import CRMVAE, CRMVAEConfig, synthetic
 
     seen = []
-    monkeypatch.setattr(crmvae_fast, "evaluate_joint_nll", lambda model, *a, **k: seen.append(model.fast_kernels) or 0.0)
+    monkeypatch.setattr(crmvae_fast, "evaluate_joint_nll",
+                        lambda model, *a, **k: seen.append(model.fast_kernels) or 0.0)
     for saved in (False, True):
         folder = str(tmp_path / f"m{saved}")
         CRMVAE(CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=2)), fast_kernels=saved).save(folder)
