@@ -13,6 +13,7 @@ The sums are accumulated in float64 on the device (no host sync per batch) and r
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 from typing import Iterator, Optional, Union
 
@@ -95,14 +96,40 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except Exception:
-        return None
-    return tqdm(total=total, desc=desc, leave=False)
+class _Progress:
+    """Progress on stderr: a tqdm bar when tqdm is installed, else a line every ~10 % of ``total`` steps.
+    ``update(info)`` counts one step; ``info`` (optional) is a callable giving a short text such as the loss so
+    far, called only when shown (every ~10 %), since reading a device value synchronizes. Shows nothing when
+    ``enabled`` is False."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.n, self.enabled = total, desc, 0, enabled
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+            except ImportError:
+                self.bar = None
+        self.every = max(1, total // 10)
+
+    def update(self, info=None) -> None:
+        self.n += 1
+        if not self.enabled:
+            return
+        show = self.n % self.every == 0 or self.n == self.total
+        if self.bar is not None:
+            if show and info is not None:
+                self.bar.set_postfix_str(info(), refresh=False)
+            self.bar.update(1)
+        elif show:
+            print(f"  {self.desc}: {self.n}/{self.total}" + (f", {info()}" if info is not None else ""),
+                  file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class _Unsharded:
@@ -136,8 +163,9 @@ def evaluate_joint_nll(model: nn.Module, dataset, K: int = 1000, batch_size_K: i
 
     Incomplete data (masks) is supported by this package's model. Under an initialized process group each rank
     evaluates its block of points and the total is all-reduced: every rank returns the same float. ``model`` may
-    be wrapped in ``DistributedDataParallel`` / ``torch.compile`` or sharded with FSDP2. ``progress``: a tqdm
-    bar (rank 0 only, when tqdm is installed).
+    be wrapped in ``DistributedDataParallel`` / ``torch.compile`` or sharded with FSDP2. ``progress``: rank 0
+    shows the batches done and the NLL per point so far on stderr (a tqdm bar, or a line every ~10 % without
+    tqdm).
     """
     _check_sizes(K, batch_size_K, batch_size)
     rank, world = cf_dist.rank_and_world()
@@ -145,14 +173,14 @@ def evaluate_joint_nll(model: nn.Module, dataset, K: int = 1000, batch_size_K: i
     device = _model_device(inner)
     batches = _Batches(dataset, batch_size, rank, world, device)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    bar = _progress(len(batches), f"joint NLL (K={K})", progress and rank == 0)
+    bar = _Progress(len(batches), f"joint NLL (K={K}), batches", progress and rank == 0)
+    seen = 0
     with _Unsharded(inner) as m:
         for batch in batches:
             total += m.compute_joint_nll(batch, K=K, batch_size_K=batch_size_K).to(torch.float64)
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            seen += next(iter(batch["data"].values())).shape[0]
+            bar.update(lambda: f"NLL/point so far {float(total) / seen:.4g}")
+    bar.close()
     return float(cf_dist.all_reduce_sum(total))
 
 
@@ -201,7 +229,7 @@ def evaluate_cond_nll(model: nn.Module, dataset, cond_mod: Union[list, str], gen
     kw = _cond_kwargs(inner.compute_cond_nll, K, batch_size_K)
     totals: Optional[Tensor] = None
     names: Optional[list] = None
-    bar = _progress(len(batches), f"conditional NLL {cond} -> {gen} (K={K})", progress and rank == 0)
+    bar = _Progress(len(batches), f"conditional NLL {cond} -> {gen} (K={K}), batches", progress and rank == 0)
     with _Unsharded(inner) as m:
         for batch in batches:
             b = next(iter(batch["data"].values())).shape[0]
@@ -214,10 +242,8 @@ def evaluate_cond_nll(model: nn.Module, dataset, cond_mod: Union[list, str], gen
             scale = 1 if kw.get("reduction") == "sum" else b  # a mean (MultiVae's models: complete data)
             totals += torch.stack([torch.as_tensor(out[n], device=device).to(torch.float64).reshape(())
                                    for n in names]) * scale
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.update()
+    bar.close()
     if names is None:  # this rank had no points (more ranks than points): it still joins the all-reduce
         names = list(gen)
         totals = torch.zeros(len(names), dtype=torch.float64, device=device)

@@ -1,14 +1,22 @@
 """The ``crmvae-fast`` command and the benchmark library's bookkeeping. Nothing here is timed: the bench runs
 use tiny sizes and only their rows' structure is checked."""
 
+import argparse
+import contextlib
+import importlib
+import io
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crmvae_fast import bench, cli
 
@@ -88,10 +96,6 @@ def test_train_folder_loads_in_multivae(tmp_path):
                      "--nll-k", "4", "--out", str(out), "--quiet", "--no-fast-kernels", "--device", "cpu"]) == 0
     mv = MVCRMVAE.load_from_folder(str(out))
     assert set(mv.encoders) == {"image", "vector", "label"}
-
-
-def test_train_rejects_bad_sizes(capsys):
-    assert cli.main(["train", "--n-train", "0"]) == 2
 
 
 def _check_rows(rows, ops):
@@ -403,3 +407,343 @@ def test_latent_figures_compile_once_per_size_and_a_failure_is_a_reason(monkeypa
                          log=None)
     assert row["skipped"] is None and row["median_ms"] > 0 and "sm_90" in row["figures_reason"]
     assert "no figures" in bench.format_table([row])
+
+
+# ------------------------------------------------------------------------- bad input: one line, exit 2, before work
+def _error_line(err: str, command: str) -> str:
+    """The one error line of stderr (argparse's usage lines aside); fails unless there is exactly one, in the
+    form ``crmvae-fast <command>: error: ...``, and no traceback."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln and not ln.startswith("usage:") and not ln.startswith(" ")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"crmvae-fast {command}: error: "), err
+    return lines[0]
+
+
+def _refused(capsys, argv) -> str:
+    """Runs ``argv`` in-process; it must exit 2 (argparse's SystemExit or main's return) with one error line."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2, argv
+    return _error_line(capsys.readouterr().err, argv[0])
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A small saved CRMVAE (synthetic modalities, latent 4, eager) and a dataset file for it."""
+    from crmvae_fast import CRMVAE, CRMVAEConfig, synthetic
+
+    root = tmp_path_factory.mktemp("cli")
+    model = CRMVAE(CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=4)), fast_kernels=False)
+    model.save(str(root / "model"))
+    torch.save(synthetic.make_dataset(6, seed=2, missing_rate=0.3), root / "data.pt")
+    return root
+
+
+def _bad_cases(root):
+    """(argv, words the error line must hold) for every argument of every command."""
+    f = str(root / "data.pt")  # an existing file
+    m = str(root / "model")
+    return [
+        (["train", "--latent-dim", "0"], "--latent-dim"), (["train", "--missing-rate", "1.5"], "[0, 1)"),
+        (["train", "--missing-rate", "1"], "[0, 1)"), (["train", "--missing-rate", "-0.1"], "[0, 1)"),
+        (["train", "--lr", "-1"], "--lr"), (["train", "--lr", "0"], "--lr"), (["train", "--lr", "nan"], "--lr"),
+        (["train", "--lr", "1e400"], "--lr"), (["train", "--beta", "-1"], "--beta"),
+        (["train", "--beta", "inf"], "--beta"), (["train", "--epochs", "-1"], "--epochs"),
+        (["train", "--nll-k", "0"], "--nll-k"), (["train", "--n-train", "0"], "--n-train"),
+        (["train", "--n-test", "-3"], "--n-test"), (["train", "--batch-size", "0"], "--batch-size"),
+        (["train", "--seed", "-1"], "--seed"), (["train", "--seed", "x"], "--seed"),
+        (["train", "--device", "tpu"], "tpu"), (["train", "--device", "cpu:1"], "cpu:1"),
+        (["train", "--out", f], "is a file"), (["train", "--out", os.path.join(f, "sub")], "is a file"),
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["evaluate", "--model", str(root / "nope")], "no such folder"), (["evaluate", "--model", f], "not a folder"),
+        (["evaluate", "--model", m, "--data", str(root / "nope.pt")], "nope.pt"),
+        (["evaluate", "--model", m, "--K", "0"], "--K"), (["evaluate", "--model", m, "--batch-size-K", "0"], "--batch"),
+        (["evaluate", "--model", m, "--batch-size", "-2"], "--batch-size"), (["evaluate", "--n-test", "0"], "--n-test"),
+        (["evaluate", "--model", m, "--cond-mod", "image"], "--gen-mod"),
+        (["evaluate", "--model", m, "--cond-mod", "image", "--gen-mod", "sound"], "'sound'"),
+        (["evaluate", "--model", m, "--cond-mod", "img", "--gen-mod", "label"], "'img'"),
+        (["evaluate", "--model", m, "--cond-mod", "image,", "--gen-mod", "label"], "--cond-mod"),
+        (["evaluate", "--model", m, "--device", "gpu"], "gpu"),
+        (["bench", "--ops", "nope"], "nope"), (["bench", "--providers", "eager,nope"], "nope"),
+        (["bench", "--dtype", "int8"], "int8"), (["bench", "--json", str(root / "no" / "r.jsonl")], "create it"),
+        (["bench", "--json", str(root)], "is a folder"),
+        (["bench", "--plot", os.path.join(f, "p.png")], "not a folder"),
+        (["bench", "--budget-s", "0"], "--budget-s"), (["bench", "--budget-s", "nan"], "--budget-s"),
+        (["bench", "--smoke", "--quick"], "not allowed"), (["bench", "--device", "tpu"], "tpu"),
+        (["kernels", "--M", "0"], "--M"), (["kernels", "--B", "-1"], "--B"), (["kernels", "--D", "x"], "--D"),
+        (["kernels", "--dtype", "int8"], "int8"), (["info", "--bogus"], "--bogus"),
+    ]
+
+
+def test_every_bad_argument_is_one_line_and_exit_2_before_any_work(saved_model, capsys, monkeypatch):
+    work = []
+    for name in ("_train", "_score", "_run_bench"):
+        monkeypatch.setattr(cli, name, lambda *a, **k: work.append(name) or 0)
+    from crmvae_fast import kernel_report
+
+    monkeypatch.setattr(kernel_report, "main", lambda *a, **k: work.append("kernels") or 0)
+    for argv, words in _bad_cases(saved_model):
+        line = _refused(capsys, argv)
+        assert words in line, (argv, line)
+    assert work == []  # nothing was trained, scored, benchmarked or compiled
+
+
+def test_cuda_devices_that_are_not_there_are_refused(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert "CUDA is not available" in _refused(capsys, ["train", "--device", "cuda"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    line = _refused(capsys, ["evaluate", "--device", "cuda:7"])
+    assert "GPU 7" in line and "has 1" in line
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs Linux's /proc as a place nobody can write in")
+def test_unwritable_places_are_refused(capsys):
+    assert "cannot be written" in _refused(capsys, ["train", "--out", "/proc/crmvae-fast-test/run"])
+    assert "cannot be written" in _refused(capsys, ["bench", "--json", "/proc/crmvae-fast-test.jsonl"])
+
+
+def test_bad_data_files_are_one_line(saved_model, capsys, tmp_path):
+    m = str(saved_model / "model")
+    (tmp_path / "cut.pt").write_bytes((saved_model / "data.pt").read_bytes()[:100])
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    torch.save({"data": {"sound": torch.zeros(4, 3)}}, tmp_path / "other.pt")  # a modality the model lacks
+    for name in ("cut.pt", "list.pt", "other.pt"):
+        line = _refused(capsys, ["evaluate", "--model", m, "--data", str(tmp_path / name), "--K", "2", "--quiet"])
+        assert name in line or "sound" in line, line
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (os.system, ("echo crmvae-fast-test-pwned",))
+
+
+def test_data_files_load_without_running_code(saved_model, capfd, tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"data": _Pickled()}, path)
+    capfd.readouterr()
+    try:
+        code = cli.main(["evaluate", "--model", str(saved_model / "model"), "--data", str(path)])
+    except Exception as exc:  # the old unpickling load ran the code, then failed on what it returned
+        code = repr(exc)
+    out, err = capfd.readouterr()
+    assert "pwned" not in out and code == 2
+    assert "evil.pt" in _error_line(err, "evaluate")
+
+
+def test_a_real_bug_keeps_its_traceback_and_ctrl_c_is_one_line(capsys, monkeypatch, tmp_path):
+    def bug(*a, **k):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "_train", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["train", "--out", str(tmp_path / "r"), "--device", "cpu"])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_train", interrupted)
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(tmp_path / "r"), "--device", "cpu"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["crmvae-fast train: interrupted"]
+
+
+# ---------------------------------------------------------------------------------- train and evaluate behaviour
+def test_train_saves_before_the_nll_and_says_it_replaces_a_model(saved_model, tmp_path, capsys, monkeypatch):
+    import crmvae_fast
+    from crmvae_fast import CRMVAE
+
+    out = tmp_path / "run"
+    shutil.copytree(saved_model / "model", out)
+    stamp = (out / "model.pt").stat().st_mtime_ns
+
+    def failing_nll(*a, **k):
+        raise ValueError("the held-out NLL failed")
+
+    monkeypatch.setattr(crmvae_fast, "evaluate_joint_nll", failing_nll)
+    assert cli.main(["train", "--epochs", "0", "--n-train", "8", "--n-test", "2", "--latent-dim", "3", "--out",
+                     str(out), "--quiet", "--no-fast-kernels", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert f"{out} holds a saved model; this run's model will replace it" in captured.out
+    assert _error_line(captured.err, "train").endswith("the held-out NLL failed")
+    assert (out / "model.pt").stat().st_mtime_ns != stamp  # replaced, and kept although the NLL failed
+    assert CRMVAE.load_from_folder(str(out)).model_config.latent_dim == 3
+
+
+def test_evaluate_says_what_it_does_and_shows_progress(saved_model, capsys, monkeypatch):
+    args = ["evaluate", "--model", str(saved_model / "model"), "--data", str(saved_model / "data.pt"), "--K", "2",
+            "--batch-size-K", "2", "--batch-size", "2", "--device", "cpu"]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[1] == f"loading the data from {saved_model / 'data.pt'}"
+    assert lines[2] == f"loading the model from {saved_model / 'model'}"
+    assert lines[3].startswith(f"scoring 6 points of --data {saved_model / 'data.pt'} with K=2 samples each")
+    assert "joint NLL (K=2), batches" in captured.err  # a tqdm bar (tqdm is in the test extras' dependencies)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # without tqdm: a line per ~10 % on stderr
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [ln.split(", NLL/point")[0] for ln in err] == [f"  joint NLL (K=2), batches: {i}/3" for i in (1, 2, 3)]
+    assert all("NLL/point so far" in ln for ln in err)
+    assert cli.main(args + ["--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluate_uses_the_saved_fast_kernels_unless_told(tmp_path, capsys, monkeypatch):
+    import crmvae_fast
+    from crmvae_fast import CRMVAE, CRMVAEConfig, synthetic
+
+    seen = []
+    monkeypatch.setattr(crmvae_fast, "evaluate_joint_nll",
+                        lambda model, *a, **k: seen.append(model.fast_kernels) or 0.0)
+    for saved in (False, True):
+        folder = str(tmp_path / f"m{saved}")
+        CRMVAE(CRMVAEConfig(**synthetic.model_config_kwargs(latent_dim=2)), fast_kernels=saved).save(folder)
+        for flag in ([], ["--fast-kernels"], ["--no-fast-kernels"]):
+            assert cli.main(["evaluate", "--model", folder, "--n-test", "2", "--device", "cpu"] + flag) == 0
+    assert seen == [False, True, False, True, True, False]
+
+
+# ------------------------------------------------------------------------------------ help, version, laziness
+NO_TORCH = r"""
+import json, sys
+from crmvae_fast import cli
+seen = {}
+for argv in json.loads(sys.argv[1]):
+    try:
+        cli.main(argv)
+    except SystemExit:
+        pass
+    seen[" ".join(argv)] = sorted(m for m in ("torch", "triton", "crmvae_fast.bench", "pythae") if m in sys.modules)
+print(json.dumps(seen))
+"""
+
+
+def test_version_and_help_import_no_torch():
+    argvs = [["--version"], ["--help"]] + [[c, "--help"] for c in ("info", "bench", "train", "evaluate", "kernels")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps(argvs)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout.splitlines()[-1])
+    assert seen == {" ".join(a): [] for a in argvs}
+
+
+def test_the_package_names_load_on_first_use():
+    import crmvae_fast
+    from crmvae_fast import model
+
+    assert crmvae_fast.CRMVAE is model.CRMVAE and "CRMVAE" in dir(crmvae_fast)
+    assert crmvae_fast.distributed.rank_range(4, 0, 2) == range(0, 2)  # a submodule, imported on demand
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        crmvae_fast.nothing_here
+
+
+def test_top_level_help_lists_every_command_with_a_line(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("info", "doctor", "bench", "train", "evaluate", "kernels"):
+        assert re.search(rf"^\s+{command}\s+\w", out, re.M), (command, out)
+
+
+def test_bench_help_names_every_benchmarked_op_and_provider(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    ops = text.split("benchmarked ops: ", 1)[1].split(" (default", 1)[0]
+    assert sorted(ops.split(", ")) == sorted(bench.OPS)
+    assert tuple(cli.PROVIDER_HELP) == bench.PROVIDERS
+    quick = text.split("--quick ", 2)[2].split(" --smoke")[0]  # its help line (the first mention is the usage)
+    assert "under a minute" not in quick and "measured" in quick and "--budget-s" in quick  # it took 9.8 min
+
+
+def test_doctor_is_wired_to_its_module(capsys, monkeypatch):
+    doctor = pytest.importorskip("crmvae_fast.doctor", reason="crmvae_fast.doctor not merged yet")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["doctor", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: crmvae-fast doctor")
+    got = []
+    monkeypatch.setattr(doctor, "run", lambda args: got.append(args) or 0)
+    assert cli.main(["doctor"]) == 0
+    assert len(got) == 1 and not hasattr(got[0], "rest")
+
+
+@pytest.mark.parametrize("argv,command", [(["train", "--lr", "nan"], "train"),
+                                          (["evaluate", "--model", "no-such-folder"], "evaluate"),
+                                          (["bench", "--ops", "nope"], "bench")])
+def test_python_dash_m_refuses_without_a_traceback(tmp_path, argv, command):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "crmvae_fast"] + argv, cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2
+    _error_line(r.stderr, command)
+
+
+# ---------------------------------------------------------------------------------------------------- the fuzz
+_VALUES = ["0", "-1", "1", "2", "1.5", "0.5", "nan", "inf", "-inf", "1e400", "abc", "", ",", "cpu", "cuda", "cuda:7",
+           "tpu", "float32", "int8", "image", "label", "image,label", "sound", "eager,fused", "latent_step",
+           "4294967296", "NOPE", "FILE", "DIR", "MODEL"]
+
+
+def _options():
+    """Every subcommand and its option strings, read from the real parser (doctor's from its own module)."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    out = {}
+    for name, sp in sub.choices.items():
+        if name in cli.LAZY_COMMANDS:
+            try:
+                mod = importlib.import_module(f"crmvae_fast.{name}")
+            except ImportError:
+                continue
+            sp = argparse.ArgumentParser()
+            mod.add_arguments(sp)
+        out[name] = sorted(s for a in sp._actions for s in a.option_strings if s not in ("-h", "--help"))
+    return out
+
+
+@st.composite
+def _argv(draw, options):
+    command = draw(st.sampled_from(sorted(options)))
+    argv = [command]
+    for _ in range(draw(st.integers(0, 4))):
+        argv.append(draw(st.sampled_from(options[command] + ["--bogus"])))
+        if draw(st.booleans()):
+            argv.append(draw(st.sampled_from(_VALUES)))
+    return argv
+
+
+def test_fuzz_the_command_line(saved_model, monkeypatch):
+    import crmvae_fast
+    from crmvae_fast import kernel_report
+
+    for name in ("_train", "_score", "_run_bench"):
+        monkeypatch.setattr(cli, name, lambda *a, **k: 0)
+    monkeypatch.setattr(kernel_report, "main", lambda *a, **k: 0)
+    monkeypatch.setattr(crmvae_fast, "backend_info", lambda: {"triton": None})
+    options = _options()
+    if "doctor" in options:
+        monkeypatch.setattr(importlib.import_module("crmvae_fast.doctor"), "run", lambda args: 0)
+    paths = {"NOPE": str(saved_model / "nope"), "FILE": str(saved_model / "data.pt"), "DIR": str(saved_model),
+             "MODEL": str(saved_model / "model")}
+
+    @settings(max_examples=150, deadline=None)
+    @given(_argv(options))
+    def check(argv):
+        argv = [paths.get(a, a) for a in argv]
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:
+                code = e.code
+        assert code in (0, 2), (argv, code, err.getvalue())
+        if code == 2:
+            _error_line(err.getvalue(), argv[0])
+
+    check()
