@@ -349,19 +349,8 @@ def _train(args, ctx, say) -> int:
 # -------------------------------------------------------------------------------------------------- evaluate
 def _load_data_file(path: str):
     """``--data``: :func:`crmvae_fast.persistence.load_data_file` (weights_only=True, errors naming the file)."""
-    try:
-        from .persistence import load_data_file
-    except ImportError:  # until crmvae_fast.persistence is merged: the same load, the same errors
-        import torch
+    from .persistence import load_data_file
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--data {path}: no such file; give a dataset written by torch.save") from None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            raise ValueError(f"--data {path} is not a dataset this command can load ({type(exc).__name__}: "
-                             f"{first}); expected torch.save({{'data': {{...}}, 'masks': {{...}}}}, path)") from exc
     return load_data_file(path)
 
 
