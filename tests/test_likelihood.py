@@ -85,6 +85,18 @@ def test_nll_layout_inner_k(dist, device):
 
 
 @needs_kernels
+def test_strided_mask(device):
+    """A mask that is one column of an (N, M) matrix: the kernels used to read ``w_ptr + t`` with no stride, so
+    they took other samples' flags (and read past a stride-0 expanded mask: tests/test_guard_band.py)."""
+    N = 4
+    recon, target = make("normal", 2 * N, N, (3,), device=device, seed=5, nan_rows=(1,))
+    masks = torch.tensor([[True, False], [False, True], [True, True], [True, False]], device=device)
+    mask = masks[:, 0]  # sample 1 is missing (a NaN placeholder)
+    assert not mask.is_contiguous()
+    compare("normal", recon, target, mask, 0.8, 1.0, 1, torch.float32)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dist", DISTS)
 def test_float64_gradcheck(dist, device):
     event = (2, 3) if dist == "categorical" else (4,)

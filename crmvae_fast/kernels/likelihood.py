@@ -187,9 +187,11 @@ def _log_norm(kind: int, scale: float) -> float:
 
 
 def _mask_bytes(mask: Optional[Tensor], like: Tensor) -> Tensor:
+    """The (N,) mask as the kernels read it, ``w_ptr + t``: contiguous (a strided or expanded mask, e.g. one
+    column of an (N, M) matrix, would be read past its elements), bytes for bool."""
     if mask is None:
         return like
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return (mask.view(torch.uint8) if mask.dtype == torch.bool else mask).contiguous()
 
 
 def likelihood_forward(recon: Tensor, target: Tensor, mask: Optional[Tensor], kind: int, scale: float,
