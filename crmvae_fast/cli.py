@@ -58,6 +58,10 @@ def cmd_info(args) -> int:
 
 # ----------------------------------------------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
+    if args.readme:  # the README's results table (crmvae_fast/bench/readme.py)
+        from .bench.readme import main as readme_table
+
+        return readme_table(args.readme, args.device, smoke=args.smoke)
     import torch
 
     from . import bench
@@ -300,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pb = sub.add_parser("bench", help="run the benchmark suite on this machine's device")
     pb.add_argument("--quick", action="store_true", help="small sizes only (under a minute on a 2-core CPU)")
+    pb.add_argument("--readme", nargs="?", const="all", default=None, metavar="ROW",
+                    help="measure and print the README's results table (or one ROW of nll-3x32, nll-784+10, "
+                         "train-step, launches), headed by this machine and its versions; about 4 minutes on an "
+                         "idle 2-core CPU")
     pb.add_argument("--smoke", action="store_true",
                     help="tiny sizes, few repetitions: checks the plumbing, the numbers mean nothing")
     pb.add_argument("--json", metavar="PATH", default=None,
