@@ -33,7 +33,7 @@ if Version(torch.__version__).release < MIN_TORCH.release:
     raise RuntimeError(f"crmvae_fast needs torch>={MIN_TORCH}, found {torch.__version__}")
 
 #: Measured on a 2-core x86_64 VM (1m48s of CPU, 5m15s wall at load 11); printed before the build.
-CPU_BUILD_TIME = "about 2 CPU-minutes (1 to 5 minutes on 2 cores, by load)"
+CPU_BUILD_TIME = "about 2 minutes of CPU time (5 minutes of wall time on a loaded 2-core machine)"
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 
