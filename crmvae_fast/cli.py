@@ -306,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--quick", action="store_true", help="small sizes only (under a minute on a 2-core CPU)")
     pb.add_argument("--readme", nargs="?", const="all", default=None, metavar="ROW",
                     help="measure and print the README's results table (or one ROW of nll-3x32, nll-784+10, "
-                         "train-step, launches), headed by this machine and its versions; about 4 minutes on an "
-                         "idle 2-core CPU")
+                         "train-step, launches), headed by this machine and its versions; 13 minutes on a loaded "
+                         "2-core CPU (2.2 minutes of CPU time, one thread)")
     pb.add_argument("--smoke", action="store_true",
                     help="tiny sizes, few repetitions: checks the plumbing, the numbers mean nothing")
     pb.add_argument("--json", metavar="PATH", default=None,

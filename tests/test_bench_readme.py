@@ -47,7 +47,7 @@ def test_readme_table_header_names_machine_date_versions_threads(smoke_table):
     for want in ("Measured with `crmvae-fast bench --readme` on", f"{len(os.sched_getaffinity(0))} cores",
                  "no GPU" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
                  dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")[:7], f"torch {torch.__version__}",
-                 f"triton {triton.__version__}", "MultiVae 1.0.3", f"{torch.get_num_threads()} torch threads",
+                 f"triton {triton.__version__}", "MultiVae 1.0.3", f"{torch.get_num_threads()} torch thread",
                  "load average"):
         assert want in head, f"the header should name {want!r}: {head}"
     if cpu:

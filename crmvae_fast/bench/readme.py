@@ -162,8 +162,9 @@ def format_readme_table(rows: List[dict], device: torch.device, elapsed_s: float
     """The Markdown block ``bench --readme`` prints: a header (machine, date, versions, threads, run time), the
     table (:data:`COLUMNS`), and which backends the fused column ran here."""
     env = environment(device)
+    threads = torch.get_num_threads()
     head = [f"Measured with `crmvae-fast bench --readme` on {_machine(device)} (device `{device}`), "
-            f"{env['date'][:10]}; {_versions()}; {torch.get_num_threads()} torch threads; "
+            f"{env['date'][:10]}; {_versions()}; {threads} torch thread{'s' if threads != 1 else ''}; "
             f"{elapsed_s:.0f} s in all, load average {os.getloadavg()[0]:.1f} at the end. Times are medians of {'1 to 3' if smoke else 'at least 3'} calls after one "
             "untimed call."]
     if smoke:
@@ -173,7 +174,8 @@ def format_readme_table(rows: List[dict], device: torch.device, elapsed_s: float
         cmd = f"`crmvae-fast bench --readme {r['key']}`"
         lines.append("| " + " | ".join([r["what"], *(r["cells"][p] for p in PROVIDERS), r["ratio"], cmd]) + " |")
     ran = "; ".join(f"{r['key']}: {r['fused_ran']}" for r in rows)
-    foot = [f"What the fused column ran here: {ran}."]
+    foot = [f"What the fused column ran here: {ran} (eager: the op's eager twin, which the Triton ops run without a "
+            "GPU; extension: the C++/CUDA extension; triton: the Triton kernels)."]
     return "\n\n".join(["\n".join(head), "\n".join(lines), "\n".join(foot)])
 
 
