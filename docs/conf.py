@@ -5,7 +5,6 @@ docstring (``_ext/public_docstrings.py``). Build strictly, as ``tests/test_docs.
     sphinx-build -W --keep-going -n -b html docs docs/_build/html
 """
 
-import os
 import sys
 from pathlib import Path
 
