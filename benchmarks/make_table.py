@@ -1,4 +1,4 @@
-"""Print the README's benchmark section (markdown) from ``benchmarks/results/results.jsonl``.
+"""Print the benchmark table (markdown) of the latest GPU run in ``benchmarks/results/results.jsonl``.
 
     python benchmarks/make_table.py [results.jsonl] [--cpu]
 

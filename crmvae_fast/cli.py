@@ -214,7 +214,12 @@ def _check_names(option: str, given: Optional[List[str]], known) -> list:
 
 
 def cmd_bench(args) -> int:
-    """``crmvae-fast bench``: checks ``--ops`` and ``--providers`` against the benchmark specs, then runs."""
+    """``crmvae-fast bench``: checks ``--ops`` and ``--providers`` against the benchmark specs, then runs;
+    ``--readme`` measures the README's results table instead (:mod:`crmvae_fast.bench.readme`)."""
+    if args.readme:
+        from .bench.readme import main as readme_table
+
+        return readme_table(args.readme, args.device, smoke=args.smoke)
     import torch
 
     from . import bench
@@ -486,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "EPYC at load ~13, with MultiVae installed; --budget-s caps it)")
     size.add_argument("--smoke", action="store_true",
                       help="tiny sizes, few repetitions: checks the plumbing, the numbers mean nothing")
+    pb.add_argument("--readme", nargs="?", const="all", default=None, metavar="ROW",
+                    help="measure and print the README's results table (or one ROW of nll-3x32, nll-784+10, "
+                         "train-step, launches), headed by this machine and its versions; 13 minutes on a loaded "
+                         "2-core CPU (2.2 minutes of CPU time, one thread)")
     pb.add_argument("--json", metavar="PATH", type=output_file, default=None,
                     help="append the rows to this JSON-lines file (default $CRMVAE_BENCH_JSON, else "
                          "./crmvae_fast_bench/results.jsonl in the working directory)")

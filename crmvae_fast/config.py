@@ -54,17 +54,21 @@ class CRMVAEConfig:
 
     @property
     def name(self) -> str:
+        """``"CRMVAEConfig"``: the ``name`` field MultiVae writes into ``model_config.json``."""
         return "CRMVAEConfig"
 
     def to_dict(self) -> dict:
+        """The fields as a dict, with ``name`` first: the content of MultiVae's ``model_config.json``."""
         return {"name": self.name, **asdict(self)}
 
     def save_json(self, dir_path: str, filename: str) -> None:
+        """Write :meth:`to_dict` as JSON to ``dir_path/filename.json`` (MultiVae's ``save_json``)."""
         with open(os.path.join(dir_path, f"{filename}.json"), "w", encoding="utf-8") as fp:
             fp.write(json.dumps(self.to_dict()))
 
     @classmethod
     def from_dict(cls, config_dict: dict) -> "CRMVAEConfig":
+        """A config from :meth:`to_dict`'s format; warns when its ``name`` is another model's config."""
         config_dict = dict(config_dict)
         name = config_dict.pop("name", cls.__name__)
         if name != cls.__name__:
@@ -73,6 +77,7 @@ class CRMVAEConfig:
 
     @classmethod
     def from_json_file(cls, json_path: str) -> "CRMVAEConfig":
+        """A config read from a ``model_config.json`` written by :meth:`save_json` or by MultiVae."""
         with open(json_path, encoding="utf-8") as fp:
             return cls.from_dict(json.load(fp))
 

@@ -3,7 +3,7 @@
 A GPU step of a small model is launch-bound, and a GPU is not always there to time it; these counts can be taken
 on any machine and say what the code dispatches:
 
-* **launches**: every non-view ATen op dispatched (a :class:`TorchDispatchMode` sees each one, forward and
+* **launches**: every non-view ATen op dispatched (a torch ``TorchDispatchMode`` sees each one, forward and
   backward; views and pure metadata ops launch nothing) plus every Triton launch (each launcher of
   :mod:`crmvae_fast.kernels` wraps its launch in ``_backend.launch_guard()``, which is counted). A fused op
   runs opaquely inside its custom op, so its own allocations are not counted: one custom op, one launch.
@@ -32,7 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _backend
 
-__all__ = ["StepCount", "count_launches", "count_step", "count_compiled", "issue_workload"]
+__all__ = ["StepCount", "count_launches", "count_step", "count_compiled", "issue_workload", "issue_models",
+           "issue_table"]
 
 # Ops that move no data and launch nothing although they are not flagged as views.
 _FREE = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
@@ -171,15 +172,17 @@ def issue_workload(B: int = 256, features: int = 64, latent_dim: int = 10, missi
     return kw, data, masks
 
 
-def issue_table(providers=("eager", "fused", "multivae"), device=None, **workload) -> dict:
-    """provider -> :class:`StepCount` for :func:`issue_workload` (``compile``: fused under torch.compile)."""
+def issue_models(providers=("eager", "fused", "multivae"), device=None, **workload) -> dict:
+    """provider -> ``(model, inputs)`` for :func:`issue_workload`, every model with the same initial weights:
+    ``eager`` and ``fused`` (and ``compile``, counted fused under torch.compile) are :class:`~crmvae_fast.CRMVAE`
+    with ``fast_kernels`` off or on, ``multivae`` MultiVae 1.0.3's CRMVAE on an ``IncompleteDataset``."""
     import copy
 
     from .config import CRMVAEConfig
     from .model import CRMVAE
 
     kw, data, masks = issue_workload(device=device, **workload)
-    rows = {}
+    out = {}
     for p in providers:
         torch.manual_seed(0)
         if p == "multivae":
@@ -192,10 +195,14 @@ def issue_table(providers=("eager", "fused", "multivae"), device=None, **workloa
         else:
             model = CRMVAE(CRMVAEConfig(**copy.deepcopy(kw)), fast_kernels=p != "eager")
             inputs = {"data": data, "masks": masks}
-        if device is not None:
-            model = model.to(device)
-        rows[p] = count_compiled(model, inputs) if p == "compile" else count_step(model, inputs)
-    return rows
+        out[p] = (model if device is None else model.to(device), inputs)
+    return out
+
+
+def issue_table(providers=("eager", "fused", "multivae"), device=None, **workload) -> dict:
+    """provider -> :class:`StepCount` for :func:`issue_workload` (``compile``: fused under torch.compile)."""
+    return {p: count_compiled(model, inputs) if p == "compile" else count_step(model, inputs)
+            for p, (model, inputs) in issue_models(providers, device, **workload).items()}
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -42,6 +42,7 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
+        """True on rank 0, the process that prints and saves."""
         return self.rank == 0
 
 

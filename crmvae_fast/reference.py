@@ -187,7 +187,8 @@ def neg_log_likelihood(recon: Tensor, target: Tensor, dist, mask: Optional[Tenso
     ``ops.likelihood``): MultiVae's ``recon_log_probs`` for ``dist`` ("normal", "laplace" with ``scale``,
     "bernoulli" on logits, "categorical", or a callable), summed over every dim after the first.
 
-    ``recon`` (R, *event), ``target`` (N, *event): recon row r is scored against target row ``(r // inner) % N``.
+    ``recon`` ``(R, *event)``, ``target`` ``(N, *event)``: recon row r is scored against target row
+    ``(r // inner) % N``.
     ``mask`` (N,) bool or None. Returns (R,) in the arithmetic dtype.
     """
     from .likelihoods import make_log_prob

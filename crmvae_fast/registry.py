@@ -86,6 +86,7 @@ def resolve(path: str) -> Any:
     return obj
 
 
+#: name -> :class:`OpSpec` of every registered op, in registration order.
 OPS: Dict[str, OpSpec] = {}
 
 

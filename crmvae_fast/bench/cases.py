@@ -63,6 +63,7 @@ CPU_QUICK_COMPILE_SIZE = (5, 4096, 32)
 #: A train_step case is counted (launches, modelled bytes) at COUNT_SMALL_B instead of its B under the Triton
 #: interpreter on a CPU past this M*B*D (a fused count at M=5, B=64, D=32 takes 35 s there).
 COUNT_MAX_INTERP_ELEMS = 1 << 10
+#: The batch size of those counts.
 COUNT_SMALL_B = 16
 
 
@@ -270,6 +271,7 @@ def op_bench(name: str, *, fused: str, eager: str, inputs: Callable[[Case, torch
 
 
 # ------------------------------------------------------------------------------------------------- latent_step
+#: mode -> the formula of :func:`latent_step_bytes`, stored in each row's ``bytes_formula``.
 LATENT_BYTES_FORMULA = {
     "fwd": "e*(2MBD + 3BD + MBD) + MB + 4(M+1)B: reads mu,lv (2MBD) and mask (MB bytes); writes mu_J,lv_J,z_J "
            "(3BD), z (MBD) and the float32 KLs ((M+1)B); noise drawn in registers",
@@ -450,16 +452,25 @@ def _nll_skip(case: Case, provider: str, device: torch.device, quick: bool) -> O
     return None
 
 
+def nll_dims(case: Case) -> dict:
+    """``input_dims`` of a joint_nll case: ``params["features"]`` is one size for all ``case.M`` modalities
+    (default :data:`NLL_FEATURES`) or one size per modality (``[784, 10]``: an image and its label)."""
+    F = case.params.get("features", NLL_FEATURES)
+    sizes = list(F) if isinstance(F, (list, tuple)) else [F] * case.M
+    if len(sizes) != case.M:
+        raise ValueError(f"joint_nll case: expected {case.M} feature sizes (one per modality), got {sizes}")
+    return {f"m{i}": (int(f),) for i, f in enumerate(sizes)}
+
+
 def _nll_inputs(case: Case, device, g):
-    n, F = case.params["n"], case.params.get("features", NLL_FEATURES)
-    return {f"m{i}": torch.rand(n, F, generator=g).to(device) for i in range(case.M)}
+    n = case.params["n"]
+    return {m: torch.rand(n, *d, generator=g).to(device) for m, d in nll_dims(case).items()}
 
 
 def _build_nll(case: Case, provider: str, device: torch.device):
     CRMVAE, CRMVAEConfig = _model_api()
     M, D, K = case.M, case.D, case.params["K"]
-    F = case.params.get("features", NLL_FEATURES)
-    cfg = CRMVAEConfig(n_modalities=M, latent_dim=D, input_dims={f"m{i}": (F,) for i in range(M)})
+    cfg = CRMVAEConfig(n_modalities=M, latent_dim=D, input_dims=nll_dims(case))
     torch.manual_seed(0)
     model = CRMVAE(cfg, fast_kernels=(provider == "fused"))  # same seed: same weights for every provider
     data = _nll_inputs(case, device, torch.Generator().manual_seed(1))
@@ -468,7 +479,7 @@ def _build_nll(case: Case, provider: str, device: torch.device):
         from multivae.data.datasets.base import MultimodalBaseDataset
         from multivae.models import CRMVAE as MVCRMVAE, CRMVAEConfig as MVConfig
 
-        mv = MVCRMVAE(MVConfig(n_modalities=M, latent_dim=D, input_dims={f"m{i}": (F,) for i in range(M)}))
+        mv = MVCRMVAE(MVConfig(n_modalities=M, latent_dim=D, input_dims=nll_dims(case)))
         try:
             mv.load_state_dict(model.state_dict())
         except Exception as exc:

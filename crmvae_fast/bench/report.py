@@ -14,6 +14,7 @@ from .cases import PROVIDERS, SPECS, Case
 from .environment import default_results_path
 from .timing import copy_bandwidth_gbps
 
+#: The fields of every row, in order (``docs/benchmarks.md`` lists them).
 ROW_KEYS = (
     "run_id", "date", "source", "device", "device_name", "torch", "triton", "cuda", "package_version",
     "git_commit", "git_dirty", "interpreter",

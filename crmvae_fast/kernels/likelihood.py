@@ -332,7 +332,7 @@ def likelihood(
     """``-rescale * sum_features log p(target | recon)`` per recon row, zero where masked, fused (eager twin:
     :func:`reference.neg_log_likelihood`).
 
-    ``recon`` (R, *event) float; ``target`` (N, *event), R a multiple of N, row r scored against target row
+    ``recon`` ``(R, *event)`` float; ``target`` ``(N, *event)``, R a multiple of N, row r scored against target row
     ``(r // inner) % N``; ``dist`` one of ``normal``, ``laplace`` (both with ``scale``), ``bernoulli`` (recon are
     logits), ``categorical`` (classes along the last dim, MultiVae's ``cross_entropy``); ``mask`` (N,) bool or
     float (nonzero = observed) or None. Returns (R,) float32 (float64 for float64 recon). Differentiable in
