@@ -3,7 +3,7 @@
 It prints, in order:
 
 1. the versions (Python, torch and the CUDA it was built with, triton, the C++/CUDA extension, the GPU) against
-   the range the package is tested on (:func:`_tested_range`);
+   the range the package is tested on (``crmvae_fast.versions``);
 2. where each registered op (:data:`crmvae_fast.registry.OPS`) runs on each device here: Triton, the Triton
    interpreter, the extension, or its eager twin and why (:func:`crmvae_fast._backend.op_backend`);
 3. a table of verdicts: every registered op, forward and backward, against its eager twin on each device, in

@@ -34,6 +34,8 @@ public_docstrings_modules = [
     "crmvae_fast.distributed",
     "crmvae_fast.registry",
     "crmvae_fast.counts",
+    "crmvae_fast.persistence",
+    "crmvae_fast.doctor",
 ]
 
 autodoc_member_order = "bysource"
