@@ -102,6 +102,7 @@ class CRMVAE(nn.Module):
         self.modalities_name = list(self.decoders.keys())
         self.concat_decoding = not any(isinstance(mod, nn.modules.batchnorm._BatchNorm)
                                        for mod in self.decoders.modules())
+        model_config._validate(self.modalities_name)  # values set after the config was made, and the names
         self.rescale_factors = self._rescale_factors()
         if model_config.decoders_dist is None:
             model_config.decoders_dist = {m: "normal" for m in self.encoders}
@@ -111,9 +112,6 @@ class CRMVAE(nn.Module):
             m: make_log_prob(d, model_config.decoder_dist_params.get(m, {}))
             for m, d in model_config.decoders_dist.items()
         }
-        missing = [m for m in self.modalities_name if m not in self.recon_log_probs]
-        if missing:
-            raise ValueError(f"decoders_dist lacks modality(ies) {missing}")
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _rescale_factors(self) -> dict:
@@ -121,7 +119,7 @@ class CRMVAE(nn.Module):
         if not self.use_likelihood_rescaling:
             return {m: 1 for m in self.encoders}
         if cfg.rescale_factors is not None:
-            return cfg.rescale_factors
+            return {m: float(cfg.rescale_factors[m]) for m in self.modalities_name}
         if self.input_dims is None:
             raise ValueError(
                 "uses_likelihood_rescaling=True needs rescale_factors or input_dims in the model_config"
