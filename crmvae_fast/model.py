@@ -394,21 +394,39 @@ class CRMVAE(nn.Module):
             total = total + lp
         return total
 
-    def _joint_ll_per_point(self, data, masks, mu_J, lv_J, K, batch_size_K) -> Tensor:
-        """MultiVae's algorithm: one point at a time, ``batch_size_K`` samples decoded at once."""
+    def _joint_ll_per_point(self, data, masks, mu_J, lv_J, K, batch_size_K, max_rows: Optional[int] = None) -> Tensor:
+        """MultiVae's estimator on MultiVae's draws: its one (K, n, D) standard normal draw (latent row
+        ``k * n + i`` is sample k of point i) is made here in slices of at most ``max_rows`` latents and at most
+        ``batch_size_K`` samples per point (default row budget: as :meth:`_posterior_blocks`), so memory does not
+        grow with K x n. On the CPU consecutive slices of a draw give the numbers of the whole draw (the
+        generator fills blocks of 16 values; every slice but the last is a whole number of blocks and the last
+        has at least 16 values), so a seeded run reproduces MultiVae's samples; on a GPU the slices are other
+        draws of the same distribution. Each slice is decoded at once and its importance weights are folded
+        into a running log-sum-exp per point. (n,)."""
         n, D = mu_J.shape
-        z_all = (mu_J + torch.empty((K, n, D), dtype=mu_J.dtype, device=mu_J.device).normal_()
-                 * torch.exp(0.5 * lv_J)).permute(1, 0, 2)
-        lls = []
-        for i in range(n):
-            chunks = []
-            for k0 in range(0, K, batch_size_K):
-                z = z_all[i, k0:k0 + batch_size_K].unsqueeze(0)
-                log_px = self._log_px(z, data, masks, slice(i, i + 1))
-                log_w = reference.importance_log_weights(log_px, z, mu_J[i:i + 1], lv_J[i:i + 1])
-                chunks.append(torch.logsumexp(log_w[0], dim=0))
-            lls.append(torch.logsumexp(torch.stack(chunks), dim=0) - math.log(K))
-        return torch.stack(lls)
+        if max_rows is None:
+            max_rows = NLL_MAX_ROWS if mu_J.is_cuda else _cpu_block_rows(data)
+        step = 16 // math.gcd(D, 16) if D else 1  # rows per whole number of 16-value blocks
+        rows = min(max_rows, batch_size_K * n)
+        rows = max(step, rows - rows % step)
+        total = K * n
+        bounds = list(range(0, total, rows)) + [total]
+        if len(bounds) > 2 and (total - bounds[-2]) * D < 16:
+            del bounds[-2]  # the last slice takes the short tail with it
+        std = torch.exp(0.5 * lv_J)
+        ct = compute_dtype(mu_J.dtype)
+        run_max = torch.full((n,), -math.inf, dtype=ct, device=mu_J.device)
+        run_sum = torch.zeros((n,), dtype=ct, device=mu_J.device)
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            i = torch.arange(r0, r1, device=mu_J.device) % n  # the point of each latent row
+            eps = torch.empty((r1 - r0, D), dtype=mu_J.dtype, device=mu_J.device).normal_()
+            z = (mu_J[i] + eps * std[i]).unsqueeze(1)  # (rows, 1, D)
+            rows_data = {m: x[i] for m, x in data.items()}
+            rows_masks = None if masks is None else {m: w[i] for m, w in masks.items()}
+            log_px = self._log_px(z, rows_data, rows_masks, slice(None))
+            log_w = reference.importance_log_weights(log_px, z, mu_J[i], lv_J[i])[:, 0].to(ct)
+            run_max, run_sum = _fold_log_weights(run_max, run_sum, log_w, i)
+        return run_max + torch.log(run_sum) - math.log(K)
 
     def _posterior_blocks(self, data: dict, mu: Tensor, lv: Tensor, K: int, batch_size_K: int,
                           noise: Optional[Callable] = None, max_rows: Optional[int] = None):
@@ -610,6 +628,15 @@ class CRMVAE(nn.Module):
         model = cls(config, fast_kernels=fast_kernels, **archis)
         model.load_state_dict(weights["model_state_dict"])
         return model
+
+
+def _fold_log_weights(run_max: Tensor, run_sum: Tensor, log_w: Tensor, point: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold log-weights ``log_w`` (r,) of the points ``point`` (r,) into the running ``(max, sum of exp(log w -
+    max))`` per point (n,), as ``ops.iw_lse_update`` does for rectangular chunks; an infinite max shifts by 0."""
+    new_max = run_max.scatter_reduce(0, point, log_w, "amax")
+    shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+    added = torch.zeros_like(run_sum).scatter_add(0, point, torch.exp(log_w - shift[point]))
+    return new_max, run_sum * torch.exp(run_max - shift) + added
 
 
 def _umask() -> int:
