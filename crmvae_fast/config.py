@@ -28,8 +28,9 @@ class CRMVAEConfig:
     would fail later or give NaN: counts below 1, ``input_dims`` sizes that are not integers >= 1, a
     non-finite ``beta``, ``rescale_factors`` and ``scale`` parameters that are not finite numbers > 0, and
     parameters a distribution does not take (bernoulli and categorical take none, normal and laplace only
-    ``scale``). The model also refuses modality names these dicts give that it lacks, and ``rescale_factors``
-    missing one of its modalities.
+    ``scale``). The model also refuses modality names that ``input_dims``, ``decoder_dist_params`` and
+    ``rescale_factors`` give and it lacks, and ``decoders_dist`` or ``rescale_factors`` missing one of its
+    modalities (``decoders_dist`` may name more, as in MultiVae).
 
     Args:
         n_modalities: number of modalities.
@@ -63,8 +64,8 @@ class CRMVAEConfig:
         ``"yes"`` is True, ...), refuse what it refuses, and refuse values that would give NaN or fail later
         (counts and sizes below 1, non-positive or non-finite scales and factors, parameters a distribution does
         not take): a ``ValueError`` naming the field. With ``modalities`` (the model's names), also refuse
-        ``input_dims``, ``decoders_dist``, ``decoder_dist_params`` and ``rescale_factors`` naming an unknown
-        modality, and ``rescale_factors`` missing one."""
+        ``input_dims``, ``decoder_dist_params`` and ``rescale_factors`` naming an unknown modality, and
+        ``decoders_dist`` and ``rescale_factors`` missing one."""
         self.n_modalities = _lax_int(self.n_modalities, "n_modalities", minimum=1)
         self.latent_dim = _lax_int(self.latent_dim, "latent_dim", minimum=1)
         self.uses_likelihood_rescaling = _lax_bool(self.uses_likelihood_rescaling, "uses_likelihood_rescaling")
@@ -101,7 +102,9 @@ class CRMVAEConfig:
             self._check_names(list(modalities))
 
     def _check_names(self, modalities: list) -> None:
-        for name in ("input_dims", "decoders_dist", "decoder_dist_params", "rescale_factors"):
+        # decoders_dist may name more modalities than the model has (as in MultiVae: one dict for several
+        # models); a misspelt name there still shows, as a missing one
+        for name in ("input_dims", "decoder_dist_params", "rescale_factors"):
             unknown = [m for m in (getattr(self, name) or {}) if m not in modalities]
             if unknown:
                 raise ValueError(f"CRMVAEConfig.{name} names unknown modality(ies) {unknown}; the model has "

@@ -196,13 +196,22 @@ def test_custom_distributions_take_any_parameters():
 
 @pytest.mark.parametrize("field,value", [
     ("decoder_dist_params", {"c": {"scale": 1.0}}),
-    ("decoders_dist", {"a": "normal", "b": "normal", "c": "normal"}),
     ("rescale_factors", {"a": 1.0, "b": 2.0, "c": 3.0}),
 ])
 def test_unknown_modality_names_are_refused_at_construction(field, value):
+    """Before: a misspelt name in decoder_dist_params was ignored (its scale silently stayed 1)."""
     cfg = cf.CRMVAEConfig(n_modalities=2, input_dims=DIMS, uses_likelihood_rescaling=True, **{field: value})
     with pytest.raises(ValueError, match=rf"CRMVAEConfig.{field} names unknown modality\(ies\) \['c'\]"):
         make_model(cfg)
+
+
+def test_decoders_dist_may_name_more_modalities_but_not_fewer():
+    """As in MultiVae, one decoders_dist may serve models with fewer modalities; one that misses a modality (a
+    misspelt name shows so) is refused."""
+    make_model(cf.CRMVAEConfig(n_modalities=2, input_dims=DIMS,
+                               decoders_dist={"a": "normal", "b": "laplace", "c": "bernoulli"}))
+    with pytest.raises(ValueError, match=r"CRMVAEConfig.decoders_dist lacks modality\(ies\) \['b'\]"):
+        make_model(cf.CRMVAEConfig(n_modalities=2, input_dims=DIMS, decoders_dist={"a": "normal", "bb": "normal"}))
 
 
 @pytest.mark.parametrize("rescale", [True, False])
