@@ -13,6 +13,7 @@ import inspect
 import io
 import json
 import math
+import numbers
 import os
 import pickle
 import shutil
@@ -27,9 +28,9 @@ from torch import Tensor, nn
 from . import reference
 from .common import LatentStep, compute_dtype
 from .config import CRMVAEConfig
-from .inputs import as_count, read_inputs, stack_masks
+from .inputs import as_count, check_latent, read_inputs, stack_masks
 from .likelihoods import make_log_prob, summed_log_prob
-from .nn import ModelOutput, default_decoders, default_encoders, output_field
+from .nn import default_decoders, default_encoders, input_dtype, make_output, output_field, output_type
 
 #: Most latent rows (data points x samples) that ``compute_joint_nll`` decodes at once on a GPU, and on a CPU
 #: (smaller, so a block's activations stay in cache).
@@ -50,6 +51,13 @@ class CRMVAE(nn.Module):
         decoders: modality name -> ``nn.Module`` returning ``reconstruction``. Default: MultiVae's MLP decoders.
         fast_kernels: use the fused kernels (True) or the eager reference (False).
 
+    Inputs (every method taking ``inputs``): see :func:`crmvae_fast.inputs.read_inputs`. Each modality is cast
+    to the float dtype of its encoder's parameters (integer and bool data such as uint8 images, by value; float64
+    or float16 data for a float32 model), on both paths; complex data is refused naming the modality; an encoder
+    holding an ``nn.Embedding`` gets its data as given. Outputs are pythae's ``ModelOutput`` (a subclass of it)
+    wherever pythae is importable, as in MultiVae, else :class:`crmvae_fast.nn.ModelOutput`; both give
+    attribute, key and index access.
+
     With ``fast_kernels=True`` each decoder runs once per step on the concatenated latents ``[z_J; z_m]`` (2B
     rows) instead of twice on B rows. That gives the same numbers for decoders that treat rows independently;
     a decoder whose output depends on the batch (BatchNorm in training mode) must see each half alone: set
@@ -59,6 +67,7 @@ class CRMVAE(nn.Module):
     def __init__(self, model_config, encoders: Optional[dict] = None, decoders: Optional[dict] = None,
                  fast_kernels: bool = True):
         nn.Module.__init__(self)  # not super(): a subclass may add MultiVae's BaseMultiVAE as a second base
+        output_type()  # resolve the output class now (pythae's import is slow), not inside a compiled step
         model_config = CRMVAEConfig.from_any(model_config)
         self.model_name = "CRMVAE"
         self.model_config = model_config
@@ -148,6 +157,17 @@ class CRMVAE(nn.Module):
     def update(self) -> None:
         """Called by MultiVae's trainer after each epoch; CRMVAE has nothing to update (as in MultiVae)."""
 
+    def _read(self, inputs, **kwargs):
+        """:func:`read_inputs` with each modality cast to its encoder's input dtype, on the parameters' device."""
+        dtypes = {m: input_dtype(self.encoders[m]) for m in self.modalities_name}
+        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, dtypes=dtypes, **kwargs)
+        p = next(self.parameters(), None)
+        x = next(iter(data.values()))
+        if p is not None and x.device != p.device:
+            raise ValueError(f"the inputs are on {x.device} but the model's parameters on {p.device}; move one to "
+                             "the other (batch.to(device) or model.to(device))")
+        return data, masks
+
     # --------------------------------------------------------------------------------------------- latents
     def _encode_experts(self, data: dict, names) -> tuple[Tensor, Tensor]:
         """(M, B, D) means and log-variances of the experts of ``names``."""
@@ -181,18 +201,27 @@ class CRMVAE(nn.Module):
         return reference.latent_step(mu, lv, mask, *noise)
 
     # --------------------------------------------------------------------------------------------- forward
-    def forward(self, inputs, beta=None, use_mean_embedding: bool = False, **kwargs) -> ModelOutput:
+    def forward(self, inputs, beta=None, use_mean_embedding: bool = False, **kwargs):
         """The CRMVAE loss (summed over the batch) and MultiVae's metrics.
 
         ``beta`` (a float or a 0-d tensor, e.g. a per-epoch KL weight) replaces ``model_config.beta`` for this
         call. ``use_mean_embedding=True`` reconstructs from the posterior means instead of samples (no noise is
         drawn); the KL terms do not depend on the samples. Other keyword arguments (``epoch``,
-        ``dataset_size``, ``uses_ddp``, ``batch_ratio``, passed by MultiVae's trainer) are ignored.
+        ``dataset_size``, ``uses_ddp``, ``batch_ratio``, passed by MultiVae's trainer) are ignored. ``inputs``:
+        read and cast as the class docstring says (integer, bool and other-float data cast to each encoder's
+        dtype, complex refused; soft masks refused, on a GPU or under ``torch.compile`` by a device-side check).
         """
         if beta is None:
             beta = self.model_config.beta
+        elif isinstance(beta, bool) or not (isinstance(beta, numbers.Real) or (
+                isinstance(beta, Tensor) and beta.dim() == 0 and beta.is_floating_point())):
+            raise TypeError(f"beta must be a float or a 0-d floating tensor (the KL weight of this call), got "
+                            f"{beta!r}; pass None for model_config.beta")
         names = self.modalities_name
-        data, masks = read_inputs(inputs, names, self.input_dims)
+        data, masks = self._read(inputs)
+        x = next(iter(data.values()))
+        if isinstance(beta, Tensor) and beta.device not in (x.device, torch.device("cpu")):
+            raise ValueError(f"beta is on {beta.device} but the data on {x.device}; move it there (or give a float)")
         mask = stack_masks(masks, names)
         mu, lv = self._encode_experts(data, names)
         lat = self._mean_latent_step(mu, lv, mask) if use_mean_embedding else self._latent_step(mu, lv, mask)
@@ -218,7 +247,7 @@ class CRMVAE(nn.Module):
 
         total = loss_rec / (2 * (M + 1)) + beta * divergence / (M + 1)
         loss = total.sum()
-        return ModelOutput(loss=loss, loss_sum=loss, metrics=metrics)
+        return make_output(loss=loss, loss_sum=loss, metrics=metrics)
 
     def _neg_log_lik(self, m: str, recon, x, mask: Optional[Tensor], rescale, inner: int = 1) -> Tensor:
         """``where(mask, -rescale * sum_features log p(x | recon), 0)`` per recon row (recon rows against
@@ -237,7 +266,7 @@ class CRMVAE(nn.Module):
             r = torch.where(mask.repeat(r.shape[0] // n), r, torch.zeros((), dtype=r.dtype, device=r.device))
         return r
 
-    def _loss_fused(self, data: dict, masks: Optional[dict], lat: LatentStep, beta) -> ModelOutput:
+    def _loss_fused(self, data: dict, masks: Optional[dict], lat: LatentStep, beta):
         """The loss and metrics of :meth:`forward` from the fused ops: one decoder call and one likelihood
         launch per modality, and the metrics and loss from one (1 + 3M, B) tensor of per-sample terms."""
         names, M = self.modalities_name, self.n_modalities
@@ -263,7 +292,7 @@ class CRMVAE(nn.Module):
             metrics[f"recon_{m}_from_joint"] = means[1 + M + 2 * i]
             metrics[f"recon_{m}_from_{m}"] = means[2 + M + 2 * i]
         loss = sums[1 + M:].sum() / (2 * (M + 1)) + sums[:1 + M].sum() * (beta / (M + 1))
-        return ModelOutput(loss=loss, loss_sum=loss, metrics=metrics)
+        return make_output(loss=loss, loss_sum=loss, metrics=metrics)
 
     # ---------------------------------------------------------------------------------- encode / decode
     def _cond_mod(self, cond_mod, what: str = "cond_mod") -> list:
@@ -273,6 +302,9 @@ class CRMVAE(nn.Module):
             if cond_mod in self.encoders:
                 return [cond_mod]
             raise ValueError(f'{what} must be "all", a modality name or a list of them; got {cond_mod!r}')
+        if not isinstance(cond_mod, (list, tuple)) or not all(isinstance(m, str) for m in cond_mod):
+            raise TypeError(f'{what} must be "all", a modality name or a list of names of {list(self.encoders)}; '
+                            f"got {cond_mod!r}")
         cond_mod = list(cond_mod)
         unknown = [m for m in cond_mod if m not in self.encoders]
         if unknown or not cond_mod:
@@ -280,20 +312,20 @@ class CRMVAE(nn.Module):
         return cond_mod
 
     def encode(self, inputs, cond_mod: Union[list, str] = "all", N: int = 1, return_mean: bool = False,
-               **kwargs) -> ModelOutput:
+               **kwargs):
         """Sample the joint posterior of the modalities ``cond_mod`` ("all", a name or a list).
 
         Returns ``z`` of shape (n, D) for N=1, (N, n, D) for N>1, (N*n, D) with ``flatten=True``, and
         ``one_latent_space=True``. With ``return_mean=True``, ``z`` is the posterior mean (repeated N times).
         Like MultiVae, incomplete inputs raise unless every sample has all of ``cond_mod`` or
-        ``ignore_incomplete=True``; then missing experts are left out of the product.
+        ``ignore_incomplete=True``; then missing experts are left out of the product. ``inputs`` are read and cast
+        as the class docstring says; ``N`` is an int >= 1 (numpy integers too).
         """
         cond_mod = self._cond_mod(cond_mod)
         flatten = kwargs.pop("flatten", False)
         ignore_incomplete = kwargs.pop("ignore_incomplete", False)
         N = as_count(N, "N", "; N is the number of samples per data point")
-        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, require_all=False,
-                                  check_empty=False)
+        data, masks = self._read(inputs, require_all=False, check_empty=False)
         missing = [m for m in cond_mod if m not in data]
         if missing:
             raise ValueError(f"cond_mod names {missing}, which inputs.data lacks")
@@ -314,27 +346,30 @@ class CRMVAE(nn.Module):
             z = mu_J + torch.empty(shape, dtype=mu_J.dtype, device=mu_J.device).normal_() * torch.exp(0.5 * lv_J)
         if N > 1 and flatten:
             z = z.reshape(-1, *z.shape[2:])
-        return ModelOutput(z=z, one_latent_space=True)
+        return make_output(z=z, one_latent_space=True)
 
-    def decode(self, embedding, modalities: Union[list, str] = "all") -> ModelOutput:
-        """Decode ``embedding.z`` in ``modalities`` ("all", a name or a list). Puts the model in eval mode,
-        like MultiVae."""
+    def decode(self, embedding, modalities: Union[list, str] = "all"):
+        """Decode ``embedding.z`` (latents of shape (..., latent_dim), floating; cast to each decoder's dtype) in
+        ``modalities`` ("all", a name or a list). Puts the model in eval mode, like MultiVae."""
+        modalities = self._cond_mod(modalities, "modalities")
+        if isinstance(embedding, Tensor):
+            raise TypeError("decode takes the output of encode or generate_from_prior (with a 'z' field), got a "
+                            "tensor; pass {'z': z}")
+        try:
+            z = output_field(embedding, "z")
+        except TypeError:
+            raise TypeError(f"decode takes the output of encode or generate_from_prior (with a 'z' field), got "
+                            f"{type(embedding).__name__}") from None
+        z = check_latent(z, self.latent_dim, "embedding.z")
         self.eval()
-        if modalities == "all":
-            modalities = list(self.decoders)
-        elif isinstance(modalities, str):
-            modalities = [modalities]
-        unknown = [m for m in modalities if m not in self.decoders]
-        if unknown:
-            raise ValueError(f"cannot decode unknown modality(ies) {unknown}; the model has {list(self.decoders)}")
-        z = output_field(embedding, "z")
         with torch.no_grad():
-            return ModelOutput({m: output_field(self.decoders[m](z), "reconstruction") for m in modalities})
+            return make_output({m: output_field(self.decoders[m](_cast_to(z, self.decoders[m])), "reconstruction")
+                                for m in modalities})
 
     def predict(self, inputs, cond_mod: Union[list, str] = "all", gen_mod: Union[list, str] = "all",
-                N: int = 1, flatten: bool = False, **kwargs) -> ModelOutput:
+                N: int = 1, flatten: bool = False, **kwargs):
         """Generate ``gen_mod`` conditioned on ``cond_mod``: (n, ...) per modality, (N, n, ...) for N>1, or
-        (N*n, ...) with ``flatten=True``."""
+        (N*n, ...) with ``flatten=True``. ``inputs`` are read and cast as the class docstring says."""
         self.eval()
         z = self.encode(inputs, cond_mod, N=N, flatten=True, **kwargs)
         output = self.decode(z, gen_mod)
@@ -344,10 +379,12 @@ class CRMVAE(nn.Module):
                 output[m] = output[m].reshape(N, n_data, *output[m].shape[1:])
         return output
 
-    def generate_from_prior(self, n_samples: int, **kwargs) -> ModelOutput:
-        """``z ~ N(0, I)``: (n_samples, D), or (D,) for one sample (MultiVae's shapes)."""
+    def generate_from_prior(self, n_samples: int, **kwargs):
+        """``z ~ N(0, I)``: (n_samples, D), or (D,) for one sample (MultiVae's shapes). ``n_samples``: an int >= 1
+        (numpy integers too)."""
+        n_samples = as_count(n_samples, "n_samples", "; it is the number of latents to draw")
         shape = [n_samples, self.latent_dim] if n_samples > 1 else [self.latent_dim]
-        return ModelOutput(z=torch.empty(shape).normal_().to(self.device), one_latent_space=True)
+        return make_output(z=torch.empty(shape).normal_().to(self.device), one_latent_space=True)
 
     # ------------------------------------------------------------------------------------------- joint NLL
     @torch.no_grad()
@@ -356,13 +393,15 @@ class CRMVAE(nn.Module):
 
         Incomplete data is supported: the joint is the product of the observed experts and only observed
         modalities enter ``log p(x | z)``. ``batch_size_K`` bounds the samples decoded at once per data point;
-        the answer does not depend on it.
+        the answer does not depend on it. Both paths draw and decode a bounded number of latents at a time, so
+        memory does not grow with K x n. ``inputs`` are read and cast as the class docstring says; ``K`` and
+        ``batch_size_K`` are ints >= 1 (numpy integers too).
         """
         K = as_count(K, "K", "; K is the number of importance samples per data point")
         batch_size_K = as_count(batch_size_K, "batch_size_K", "; it bounds the samples decoded at once")
         self.eval()
         names = self.modalities_name
-        data, masks = read_inputs(inputs, names, self.input_dims)
+        data, masks = self._read(inputs)
         mu, lv = self._encode_experts(data, names)
         mu_J, lv_J = reference.poe(mu, lv, stack_masks(masks, names))
         if self.fast_kernels:
@@ -489,6 +528,8 @@ class CRMVAE(nn.Module):
 
         ``reduction="sum"`` returns the sum over those points instead of the mean (0 where no point qualifies),
         which is what a sum over a dataset of incomplete batches needs (:func:`crmvae_fast.evaluate_cond_nll`).
+        ``inputs`` are read and cast as the class docstring says; ``K`` and ``batch_size_K`` are ints >= 1 (numpy
+        integers too).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f'reduction must be "mean" (MultiVae\'s) or "sum", got {reduction!r}')
@@ -498,15 +539,12 @@ class CRMVAE(nn.Module):
         if cond_mod is None or gen_mod is None:
             raise ValueError("compute_cond_nll needs cond_mod (alias subset) and gen_mod (alias pred_mods): "
                              "the modalities conditioned on and the ones scored, e.g. (inputs, ['img'], ['txt'])")
-        if not isinstance(K, int) or K < 1:
-            raise ValueError(f"K (alias k_iwae) must be an int >= 1, got {K!r}")
-        if not isinstance(batch_size_K, int) or batch_size_K < 1:
-            raise ValueError(f"batch_size_K must be an int >= 1, got {batch_size_K!r}")
+        K = as_count(K, "K (alias k_iwae)", "; K is the number of importance samples per data point")
+        batch_size_K = as_count(batch_size_K, "batch_size_K", "; it bounds the samples decoded at once")
         cond = self._cond_mod(cond_mod)
         gen = self._cond_mod(gen_mod, "gen_mod")
         self.eval()
-        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, require_all=False,
-                                  check_empty=False)
+        data, masks = self._read(inputs, require_all=False, check_empty=False)
         missing = [m for m in dict.fromkeys(cond + gen) if m not in data]
         if missing:
             raise ValueError(f"cond_mod and gen_mod name {missing}, which inputs.data lacks")
@@ -705,6 +743,12 @@ def _cpu_block_rows(data: dict) -> int:
         return NLL_MAX_ROWS_CPU
     widths = [x[0].numel() * max(4, x.element_size()) for x in data.values() if isinstance(x, Tensor) and len(x)]
     return max(1, min(NLL_MAX_ROWS_CPU, NLL_CPU_BLOCK_BYTES // max(widths + [1])))
+
+
+def _cast_to(z: Tensor, module: nn.Module) -> Tensor:
+    """``z`` in the float dtype ``module`` takes (see :func:`input_dtype`)."""
+    dtype = input_dtype(module)
+    return z if dtype in (None, z.dtype) else z.to(dtype)
 
 
 def _pickle_module(module: nn.Module, path: str) -> None:
