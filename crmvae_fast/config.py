@@ -95,9 +95,11 @@ class CRMVAEConfig:
             if not _is_real(f) or not (math.isfinite(f) and f > 0):
                 raise ValueError(f"CRMVAEConfig.rescale_factors[{m!r}] must be a finite number > 0, got {f!r}; a "
                                  "factor multiplies the reconstruction term of its modality")
+            self.rescale_factors[m] = float(f)  # a Python float whatever came (numpy, 0-d tensor): JSON takes it
         self.decoder_dist_params = _lax_dict(self.decoder_dist_params, "decoder_dist_params")
         for m, params in (self.decoder_dist_params or {}).items():
-            _check_dist_params(_name(m, "decoder_dist_params"), params, (self.decoders_dist or {}).get(m, "normal"))
+            self.decoder_dist_params[m] = _check_dist_params(_name(m, "decoder_dist_params"), params,
+                                                             (self.decoders_dist or {}).get(m, "normal"))
         if modalities is not None:
             self._check_names(list(modalities))
 
@@ -264,13 +266,14 @@ def _shape(m: str, dims) -> tuple:
     return tuple(int(d) for d in dims)
 
 
-def _check_dist_params(m: str, params, dist) -> None:
-    """``decoder_dist_params[m]`` for the distribution ``dist`` of modality m (a callable takes anything)."""
+def _check_dist_params(m: str, params, dist) -> dict:
+    """``decoder_dist_params[m]`` for the distribution ``dist`` of modality m (a callable takes anything), as a
+    new dict whose ``scale`` is a Python float."""
     if not isinstance(params, Mapping):
         raise ValueError(f"CRMVAEConfig.decoder_dist_params[{m!r}] must be a dict of parameters such as "
                          f"{{'scale': 0.75}}, got {params!r}")
     if callable(dist) or dist not in DIST_PARAMS:
-        return
+        return dict(params)
     unknown = [k for k in params if k not in DIST_PARAMS[dist]]
     if unknown:
         takes = f"only {list(DIST_PARAMS[dist])}" if DIST_PARAMS[dist] else "no parameters"
@@ -281,3 +284,5 @@ def _check_dist_params(m: str, params, dist) -> None:
         if not _is_real(scale) or not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"CRMVAEConfig.decoder_dist_params[{m!r}]['scale'] must be a finite number > 0, got "
                              f"{params['scale']!r}; a scale of 0 or below gives NaN losses")
+        return {**params, "scale": float(scale)}
+    return dict(params)

@@ -361,6 +361,9 @@ class CRMVAE(nn.Module):
             raise TypeError(f"decode takes the output of encode or generate_from_prior (with a 'z' field), got "
                             f"{type(embedding).__name__}") from None
         z = check_latent(z, self.latent_dim, "embedding.z")
+        p = next(self.decoders.parameters(), None)
+        if p is not None and z.device != p.device:
+            raise ValueError(f"embedding.z is on {z.device} but the decoders' parameters on {p.device}; move it there")
         self.eval()
         with torch.no_grad():
             return make_output({m: output_field(self.decoders[m](_cast_to(z, self.decoders[m])), "reconstruction")

@@ -10,6 +10,7 @@ ours against MultiVae's own config.
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -186,6 +187,20 @@ def test_bad_decoder_scale_set_after_the_config_is_refused_by_the_model():
 def test_parameters_a_distribution_does_not_take_are_refused(dist, params, match):
     with pytest.raises(ValueError, match=match):
         cf.CRMVAEConfig(n_modalities=2, decoders_dist={"a": dist, "b": "normal"}, decoder_dist_params={"a": params})
+
+
+def test_scales_and_factors_of_numpy_or_tensor_type_are_stored_as_floats(tmp_path):
+    """Taken as MultiVae takes them, then stored as Python floats: the fused likelihood takes them and the
+    config's JSON file too (before, a 0-d tensor scale made save_json fail)."""
+    cfg = cf.CRMVAEConfig(n_modalities=2, latent_dim=2, input_dims=DIMS, uses_likelihood_rescaling=True,
+                          rescale_factors={"a": np.float32(2), "b": torch.tensor(0.5)},
+                          decoder_dist_params={"a": {"scale": torch.tensor(0.5)}, "b": {"scale": 3}})
+    assert cfg.decoder_dist_params == {"a": {"scale": 0.5}, "b": {"scale": 3.0}}
+    assert cfg.rescale_factors == {"a": 2.0, "b": 0.5}
+    assert all(type(v) is float for v in [*cfg.rescale_factors.values(), cfg.decoder_dist_params["a"]["scale"]])
+    cfg.save_json(str(tmp_path), "model_config")
+    model = make_model(cfg, fast=True)
+    assert torch.isfinite(model({"data": {m: torch.rand(3, *d) for m, d in DIMS.items()}}).loss)
 
 
 def test_custom_distributions_take_any_parameters():

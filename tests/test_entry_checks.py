@@ -129,6 +129,8 @@ def test_decode_checks_the_latent_first(fast):
         model.decode(torch.zeros(3, D))
     with pytest.raises(TypeError, match="modalities must be"):
         model.decode({"z": torch.zeros(3, D)}, modalities=3)
+    with pytest.raises(ValueError, match="embedding.z is on meta but the decoders' parameters on cpu"):
+        model.decode({"z": torch.zeros(3, D, device="meta")})
     z = torch.randn(3, D)
     torch.testing.assert_close(model.decode({"z": z.double()})["a"], model.decode({"z": z})["a"])
     assert model.decode(model.generate_from_prior(1))["b"].shape == (2, 3)  # one latent, MultiVae's (D,) shape
