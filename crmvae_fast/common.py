@@ -39,6 +39,9 @@ def _as_stack(x: TensorOrList, name: str, op: str) -> Tensor:
         shapes = {tuple(t.shape) for t in x}
         if len(shapes) != 1:
             raise ValueError(f"{op}: every {name}_m must have the same (B, D) shape, got {sorted(shapes)}")
+        kinds = {(t.dtype, t.device) for t in x}
+        if len(kinds) != 1:
+            raise ValueError(f"{op}: every {name}_m must have one dtype and device, got {sorted(map(str, kinds))}")
         return torch.stack(list(x))
     raise TypeError(f"{op}: expected {name} as an (M, B, D) tensor or a non-empty list of (B, D) tensors, "
                     f"got {type(x).__name__}")
@@ -62,6 +65,8 @@ def check_experts(op: str, mu: TensorOrList, lv: TensorOrList, mask: Optional[Te
         raise ValueError(f"{op}: expected at least one expert (M >= 1) in mu and lv of shape (M, B, D), got "
                          f"{tuple(mu.shape)}; pass the encoders' outputs stacked along a first dimension of size M")
     if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{op}: expected mask as an (M, B) bool or float tensor or None, got {type(mask).__name__}")
         if tuple(mask.shape) != (M, B):
             raise ValueError(f"{op}: expected mask of shape (M, B) = {(M, B)}, got {tuple(mask.shape)}")
         if mask.device != mu.device:

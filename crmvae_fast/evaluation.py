@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as cf_dist
+from .inputs import as_count
 from .nn import ModelOutput
 
 
@@ -41,9 +42,13 @@ class _Batches:
         if isinstance(data, Mapping) and data and all(isinstance(x, Tensor) for x in data.values()):
             self.data = data
             masks = _get(dataset, "masks")
-            if masks is not None and not isinstance(masks, Mapping):
-                raise ValueError(f"dataset.masks must be a dict name -> (n,) tensor, got {type(masks).__name__}")
+            if masks is not None and not (isinstance(masks, Mapping) and all(isinstance(w, Tensor) and w.dim() == 1
+                                                                             for w in masks.values())):
+                raise ValueError(f"dataset.masks must be a dict name -> (n,) tensor, got {masks!r:.200}")
             self.masks = masks
+            if any(x.dim() == 0 for x in data.values()):
+                raise ValueError(f"dataset.data must hold (n, ...) tensors, got shapes "
+                                 f"{ {m: tuple(x.shape) for m, x in data.items()} }")
             sizes = {m: x.shape[0] for m, x in data.items()}
             if len(set(sizes.values())) != 1:
                 raise ValueError(f"every modality of the dataset must hold the same number of points, got {sizes}")
@@ -81,15 +86,30 @@ class _Batches:
         data = _get(first, "data")
         if not isinstance(data, Mapping):
             raise ValueError(f"dataset items must have a 'data' dict, got {type(first).__name__}")
-        batch = ModelOutput(data={m: torch.stack([_get(it, "data")[m] for it in items]).to(self.device)
-                                  for m in data})
+        for it in items:
+            d = _get(it, "data")
+            if not isinstance(d, Mapping) or set(d) != set(data) or not all(isinstance(x, Tensor) for x in d.values()):
+                raise ValueError(f"every dataset item must have a 'data' dict of tensors over the modalities "
+                                 f"{list(data)}, got {d!r:.200}")
+        try:
+            batch = ModelOutput(data={m: torch.stack([_get(it, "data")[m] for it in items]).to(self.device)
+                                      for m in data})
+        except RuntimeError as exc:
+            raise ValueError(f"the dataset items' tensors of one modality must have one shape; stacking them "
+                             f"failed: {exc}") from exc
         if _get(first, "masks") is not None:
-            batch["masks"] = {m: torch.stack([torch.as_tensor(_get(it, "masks")[m]) for it in items]).to(self.device)
-                              for m in _get(first, "masks")}
+            try:
+                batch["masks"] = {m: torch.stack([torch.as_tensor(_get(it, "masks")[m]) for it in items]).to(
+                    self.device) for m in _get(first, "masks")}
+            except (TypeError, ValueError, RuntimeError, KeyError) as exc:
+                raise ValueError(f"every dataset item must have 'masks' of the same modalities holding a bool or "
+                                 f"0/1 per item; stacking them failed: {exc}") from exc
         return batch
 
 
 def _model_device(model: nn.Module) -> torch.device:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (an nn.Module such as crmvae_fast.CRMVAE), got {type(model).__name__}")
     p = next(model.parameters(), None)
     if p is None:
         return torch.device("cpu")
@@ -149,10 +169,19 @@ class _Unsharded:
             self.model.reshard()
 
 
-def _check_sizes(K, batch_size_K, batch_size):
-    for name, v in (("K", K), ("batch_size_K", batch_size_K), ("batch_size", batch_size)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+def _check_sizes(K, batch_size_K, batch_size) -> tuple[int, int, int]:
+    """The three counts as Python ints >= 1 (numpy integers too), or the package's count errors."""
+    return (as_count(K, "K", "; K is the number of importance samples per data point"),
+            as_count(batch_size_K, "batch_size_K", "; it bounds the samples decoded at once"),
+            as_count(batch_size, "batch_size", "; it is the number of points per call of the model"))
+
+
+def _mod_list(mods, what: str) -> list:
+    if isinstance(mods, str):
+        return [mods]
+    if isinstance(mods, (list, tuple)) and mods and all(isinstance(m, str) for m in mods):
+        return list(mods)
+    raise TypeError(f"{what} must be a modality name or a non-empty list of names, got {mods!r}")
 
 
 @torch.no_grad()
@@ -165,9 +194,10 @@ def evaluate_joint_nll(model: nn.Module, dataset, K: int = 1000, batch_size_K: i
     evaluates its block of points and the total is all-reduced: every rank returns the same float. ``model`` may
     be wrapped in ``DistributedDataParallel`` / ``torch.compile`` or sharded with FSDP2. ``progress``: rank 0
     shows the batches done and the NLL per point so far on stderr (a tqdm bar, or a line every ~10 % without
-    tqdm).
+    tqdm). ``K``, ``batch_size_K`` and ``batch_size`` are ints >= 1 (numpy integers too); a bad count, model or
+    dataset is refused before the first batch.
     """
-    _check_sizes(K, batch_size_K, batch_size)
+    K, batch_size_K, batch_size = _check_sizes(K, batch_size_K, batch_size)
     rank, world = cf_dist.rank_and_world()
     inner = cf_dist.unwrap(model)
     device = _model_device(inner)
@@ -214,17 +244,18 @@ def evaluate_cond_nll(model: nn.Module, dataset, cond_mod: Union[list, str], gen
     conditioning modality (so incomplete data counts each scored point once). MultiVae's models (signature
     ``(inputs, subset, pred_mods, k_iwae)``, complete data) return a mean, taken times the batch size. The sums
     over batches are all-reduced over ranks under an initialized process group, so every rank returns the same
-    dict.
+    dict. ``K``, ``batch_size_K`` and ``batch_size`` are ints >= 1 (numpy integers too); ``cond_mod`` and
+    ``gen_mod`` a name or a list of names.
     """
-    _check_sizes(K, batch_size_K, batch_size)
+    K, batch_size_K, batch_size = _check_sizes(K, batch_size_K, batch_size)
     inner = cf_dist.unwrap(model)
+    device = _model_device(inner)
     if not hasattr(inner, "compute_cond_nll"):
         raise AttributeError(f"{type(inner).__name__} has no compute_cond_nll(inputs, cond_mod, gen_mod, K, "
                              "batch_size_K); evaluate_cond_nll needs a model that has one")
-    cond = [cond_mod] if isinstance(cond_mod, str) else list(cond_mod)
-    gen = [gen_mod] if isinstance(gen_mod, str) else list(gen_mod)
+    cond = _mod_list(cond_mod, "cond_mod")
+    gen = _mod_list(gen_mod, "gen_mod")
     rank, world = cf_dist.rank_and_world()
-    device = _model_device(inner)
     batches = _Batches(dataset, batch_size, rank, world, device)
     kw = _cond_kwargs(inner.compute_cond_nll, K, batch_size_K)
     totals: Optional[Tensor] = None

@@ -35,7 +35,7 @@ def as_count(value, name: str, hint: str = "") -> int:
     return value
 
 
-def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_empty=True):
+def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_empty=True, dtypes=None):
     """Return ``(data, masks)``: dicts over ``modalities`` (in that order) of batched tensors, ``masks`` of
     (B,) bool tensors on the data's device, or None when the inputs carry no masks.
 
@@ -46,6 +46,20 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
     differ from ``input_dims``, 0-d masks (one unbatched item) beside batched data, masks of the wrong shape,
     dtype, values or device, tensors on different devices, and samples with no observed modality when the
     masks are on the CPU. Only metadata is read, except for CPU masks (no host-device sync).
+
+    Dtypes: complex data is refused (``TypeError`` naming the modality). ``dtypes`` (name -> float dtype or
+    None; the model passes :func:`crmvae_fast.nn.input_dtype` of each encoder, the dtype of its parameters)
+    casts each modality to its dtype: integer and bool data (uint8 images, 0/1 labels: by value, no scaling to
+    [0, 1]) and data of another float dtype (float64 or float16 for a float32 model; under autocast too, which
+    then casts for each op as usual).
+    A modality whose dtype is None (an encoder holding an ``nn.Embedding``, which takes token ids, or one
+    without floating parameters) is passed as given. The cast is differentiable: data that requires grad gets
+    its gradient in its own dtype.
+
+    Soft masks: a mask that is not bool must hold only 0 and 1. On the CPU that is checked here (``ValueError``
+    naming the samples). Where checking would cost a host-device sync (masks on a GPU, or under
+    ``torch.compile``) it is checked on the device with ``torch._assert_async``: a RuntimeError with the same
+    sentence on the CPU, a device-side assertion that stops the process on a GPU. Bool masks skip the check.
     """
     data = _get(inputs, "data")
     if not isinstance(data, Mapping):
@@ -77,6 +91,9 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
     for m in names:
         if not isinstance(data[m], Tensor):
             raise ValueError(f"inputs.data[{m!r}] must be a torch.Tensor, got {type(data[m]).__name__}")
+        if data[m].is_complex():
+            raise TypeError(f"inputs.data[{m!r}] is {data[m].dtype}, expected real data (float, integer or bool); "
+                            "pass its real part or its magnitude")
 
     # An unbatched item (one sample from dataset[i]) has 0-d masks or data shaped exactly like input_dims.
     dims = {m: tuple(input_dims[m]) for m in names if input_dims is not None and m in input_dims}
@@ -118,6 +135,8 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
         raise ValueError(f"all modalities must be on one device; got {({m: str(d) for m, d in devices.items()})}")
     device = next(iter(devices.values()))
 
+    if dtypes is not None:
+        data = {m: x if dtypes.get(m) in (None, x.dtype) else x.to(dtypes[m]) for m, x in data.items()}
     if masks is None:
         return data, None
     out_masks = {}
@@ -145,6 +164,10 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
                     f"inputs.masks[{m!r}] must hold only 0 and 1 (or be bool), got {w[bad[0]].item()!r} at "
                     f"sample(s) {bad[:20]}; a mask says observed (1) or missing (0), it is not a weight"
                 )
+        elif w.dtype != torch.bool:  # no host sync here: checked on the device (works in graphs too)
+            torch._assert_async(((w == 0) | (w == 1)).all(),
+                                f"inputs.masks[{m!r}] must hold only 0 and 1 (or be bool); a mask says observed "
+                                "(1) or missing (0), it is not a weight")
         out_masks[m] = w if w.dtype == torch.bool else w != 0
 
     if check_empty and all(w.device.type == "cpu" for w in out_masks.values()) and not _compiling():
@@ -159,6 +182,20 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
     data = {m: torch.where(_bcast(out_masks[m], data[m]), data[m], torch.zeros((), dtype=data[m].dtype, device=device))
             for m in names}
     return data, out_masks
+
+
+def check_latent(z, latent_dim: int, what: str = "z") -> Tensor:
+    """``z`` as a latent for decoders of ``latent_dim`` inputs: a floating tensor whose last dim is
+    ``latent_dim`` (any leading shape); ``TypeError``/``ValueError`` otherwise, before any decoder runs."""
+    if not isinstance(z, Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of latents (..., latent_dim = {latent_dim}), got "
+                        f"{type(z).__name__}")
+    if not z.is_floating_point():
+        raise TypeError(f"{what} must be a floating tensor of latents, got {z.dtype}; cast it with .float()")
+    if z.dim() < 1 or z.shape[-1] != latent_dim:
+        raise ValueError(f"{what} must have latent_dim = {latent_dim} as its last dim, got shape {tuple(z.shape)}; "
+                         "decode latents drawn by this model (encode, generate_from_prior)")
+    return z
 
 
 def _is_scalar(w) -> bool:

@@ -10,6 +10,7 @@ samples, with the C++/CUDA extension for the importance weights.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
@@ -18,9 +19,9 @@ from torch import Tensor, nn
 from . import persistence, reference
 from .common import LatentStep, compute_dtype
 from .config import CRMVAEConfig
-from .inputs import as_count, read_inputs, stack_masks
+from .inputs import as_count, check_latent, read_inputs, stack_masks
 from .likelihoods import make_log_prob, summed_log_prob
-from .nn import ModelOutput, default_decoders, default_encoders, output_field
+from .nn import default_decoders, default_encoders, input_dtype, make_output, output_field, output_type
 
 #: Most latent rows (data points x samples) that ``compute_joint_nll`` decodes at once on a GPU, and on a CPU
 #: (smaller, so a block's activations stay in cache).
@@ -41,6 +42,13 @@ class CRMVAE(nn.Module):
         decoders: modality name -> ``nn.Module`` returning ``reconstruction``. Default: MultiVae's MLP decoders.
         fast_kernels: use the fused kernels (True) or the eager reference (False).
 
+    Inputs (every method taking ``inputs``): see :func:`crmvae_fast.inputs.read_inputs`. Each modality is cast
+    to the float dtype of its encoder's parameters (integer and bool data such as uint8 images, by value; float64
+    or float16 data for a float32 model), on both paths; complex data is refused naming the modality; an encoder
+    holding an ``nn.Embedding`` gets its data as given. Outputs are pythae's ``ModelOutput`` (a subclass of it)
+    wherever pythae is importable, as in MultiVae, else :class:`crmvae_fast.nn.ModelOutput`; both give
+    attribute, key and index access.
+
     With ``fast_kernels=True`` each decoder runs once per step on the concatenated latents ``[z_J; z_m]`` (2B
     rows) instead of twice on B rows. That gives the same numbers for decoders that treat rows independently;
     a decoder whose output depends on the batch (BatchNorm in training mode) must see each half alone: set
@@ -50,6 +58,7 @@ class CRMVAE(nn.Module):
     def __init__(self, model_config, encoders: Optional[dict] = None, decoders: Optional[dict] = None,
                  fast_kernels: bool = True):
         nn.Module.__init__(self)  # not super(): a subclass may add MultiVae's BaseMultiVAE as a second base
+        output_type()  # resolve the output class now (pythae's import is slow), not inside a compiled step
         model_config = CRMVAEConfig.from_any(model_config)
         self.model_name = "CRMVAE"
         self.model_config = model_config
@@ -93,6 +102,7 @@ class CRMVAE(nn.Module):
         self.modalities_name = list(self.decoders.keys())
         self.concat_decoding = not any(isinstance(mod, nn.modules.batchnorm._BatchNorm)
                                        for mod in self.decoders.modules())
+        model_config._validate(self.modalities_name)  # values set after the config was made, and the names
         self.rescale_factors = self._rescale_factors()
         if model_config.decoders_dist is None:
             model_config.decoders_dist = {m: "normal" for m in self.encoders}
@@ -102,9 +112,6 @@ class CRMVAE(nn.Module):
             m: make_log_prob(d, model_config.decoder_dist_params.get(m, {}))
             for m, d in model_config.decoders_dist.items()
         }
-        missing = [m for m in self.modalities_name if m not in self.recon_log_probs]
-        if missing:
-            raise ValueError(f"decoders_dist lacks modality(ies) {missing}")
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _rescale_factors(self) -> dict:
@@ -112,7 +119,7 @@ class CRMVAE(nn.Module):
         if not self.use_likelihood_rescaling:
             return {m: 1 for m in self.encoders}
         if cfg.rescale_factors is not None:
-            return cfg.rescale_factors
+            return {m: float(cfg.rescale_factors[m]) for m in self.modalities_name}
         if self.input_dims is None:
             raise ValueError(
                 "uses_likelihood_rescaling=True needs rescale_factors or input_dims in the model_config"
@@ -140,6 +147,17 @@ class CRMVAE(nn.Module):
 
     def update(self) -> None:
         """Called by MultiVae's trainer after each epoch; CRMVAE has nothing to update (as in MultiVae)."""
+
+    def _read(self, inputs, **kwargs):
+        """:func:`read_inputs` with each modality cast to its encoder's input dtype, on the parameters' device."""
+        dtypes = {m: input_dtype(self.encoders[m]) for m in self.modalities_name}
+        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, dtypes=dtypes, **kwargs)
+        p = next(self.parameters(), None)
+        x = next(iter(data.values()))
+        if p is not None and x.device != p.device:
+            raise ValueError(f"the inputs are on {x.device} but the model's parameters on {p.device}; move one to "
+                             "the other (batch.to(device) or model.to(device))")
+        return data, masks
 
     # --------------------------------------------------------------------------------------------- latents
     def _encode_experts(self, data: dict, names) -> tuple[Tensor, Tensor]:
@@ -174,18 +192,27 @@ class CRMVAE(nn.Module):
         return reference.latent_step(mu, lv, mask, *noise)
 
     # --------------------------------------------------------------------------------------------- forward
-    def forward(self, inputs, beta=None, use_mean_embedding: bool = False, **kwargs) -> ModelOutput:
+    def forward(self, inputs, beta=None, use_mean_embedding: bool = False, **kwargs):
         """The CRMVAE loss (summed over the batch) and MultiVae's metrics.
 
         ``beta`` (a float or a 0-d tensor, e.g. a per-epoch KL weight) replaces ``model_config.beta`` for this
         call. ``use_mean_embedding=True`` reconstructs from the posterior means instead of samples (no noise is
         drawn); the KL terms do not depend on the samples. Other keyword arguments (``epoch``,
-        ``dataset_size``, ``uses_ddp``, ``batch_ratio``, passed by MultiVae's trainer) are ignored.
+        ``dataset_size``, ``uses_ddp``, ``batch_ratio``, passed by MultiVae's trainer) are ignored. ``inputs``:
+        read and cast as the class docstring says (integer, bool and other-float data cast to each encoder's
+        dtype, complex refused; soft masks refused, on a GPU or under ``torch.compile`` by a device-side check).
         """
         if beta is None:
             beta = self.model_config.beta
+        elif isinstance(beta, bool) or not (isinstance(beta, numbers.Real) or (
+                isinstance(beta, Tensor) and beta.dim() == 0 and beta.is_floating_point())):
+            raise TypeError(f"beta must be a float or a 0-d floating tensor (the KL weight of this call), got "
+                            f"{beta!r}; pass None for model_config.beta")
         names = self.modalities_name
-        data, masks = read_inputs(inputs, names, self.input_dims)
+        data, masks = self._read(inputs)
+        x = next(iter(data.values()))
+        if isinstance(beta, Tensor) and beta.device not in (x.device, torch.device("cpu")):
+            raise ValueError(f"beta is on {beta.device} but the data on {x.device}; move it there (or give a float)")
         mask = stack_masks(masks, names)
         mu, lv = self._encode_experts(data, names)
         lat = self._mean_latent_step(mu, lv, mask) if use_mean_embedding else self._latent_step(mu, lv, mask)
@@ -211,7 +238,7 @@ class CRMVAE(nn.Module):
 
         total = loss_rec / (2 * (M + 1)) + beta * divergence / (M + 1)
         loss = total.sum()
-        return ModelOutput(loss=loss, loss_sum=loss, metrics=metrics)
+        return make_output(loss=loss, loss_sum=loss, metrics=metrics)
 
     def _neg_log_lik(self, m: str, recon, x, mask: Optional[Tensor], rescale, inner: int = 1) -> Tensor:
         """``where(mask, -rescale * sum_features log p(x | recon), 0)`` per recon row (recon rows against
@@ -230,7 +257,7 @@ class CRMVAE(nn.Module):
             r = torch.where(mask.repeat(r.shape[0] // n), r, torch.zeros((), dtype=r.dtype, device=r.device))
         return r
 
-    def _loss_fused(self, data: dict, masks: Optional[dict], lat: LatentStep, beta) -> ModelOutput:
+    def _loss_fused(self, data: dict, masks: Optional[dict], lat: LatentStep, beta):
         """The loss and metrics of :meth:`forward` from the fused ops: one decoder call and one likelihood
         launch per modality, and the metrics and loss from one (1 + 3M, B) tensor of per-sample terms."""
         names, M = self.modalities_name, self.n_modalities
@@ -256,7 +283,7 @@ class CRMVAE(nn.Module):
             metrics[f"recon_{m}_from_joint"] = means[1 + M + 2 * i]
             metrics[f"recon_{m}_from_{m}"] = means[2 + M + 2 * i]
         loss = sums[1 + M:].sum() / (2 * (M + 1)) + sums[:1 + M].sum() * (beta / (M + 1))
-        return ModelOutput(loss=loss, loss_sum=loss, metrics=metrics)
+        return make_output(loss=loss, loss_sum=loss, metrics=metrics)
 
     # ---------------------------------------------------------------------------------- encode / decode
     def _cond_mod(self, cond_mod, what: str = "cond_mod") -> list:
@@ -266,6 +293,9 @@ class CRMVAE(nn.Module):
             if cond_mod in self.encoders:
                 return [cond_mod]
             raise ValueError(f'{what} must be "all", a modality name or a list of them; got {cond_mod!r}')
+        if not isinstance(cond_mod, (list, tuple)) or not all(isinstance(m, str) for m in cond_mod):
+            raise TypeError(f'{what} must be "all", a modality name or a list of names of {list(self.encoders)}; '
+                            f"got {cond_mod!r}")
         cond_mod = list(cond_mod)
         unknown = [m for m in cond_mod if m not in self.encoders]
         if unknown or not cond_mod:
@@ -273,20 +303,20 @@ class CRMVAE(nn.Module):
         return cond_mod
 
     def encode(self, inputs, cond_mod: Union[list, str] = "all", N: int = 1, return_mean: bool = False,
-               **kwargs) -> ModelOutput:
+               **kwargs):
         """Sample the joint posterior of the modalities ``cond_mod`` ("all", a name or a list).
 
         Returns ``z`` of shape (n, D) for N=1, (N, n, D) for N>1, (N*n, D) with ``flatten=True``, and
         ``one_latent_space=True``. With ``return_mean=True``, ``z`` is the posterior mean (repeated N times).
         Like MultiVae, incomplete inputs raise unless every sample has all of ``cond_mod`` or
-        ``ignore_incomplete=True``; then missing experts are left out of the product.
+        ``ignore_incomplete=True``; then missing experts are left out of the product. ``inputs`` are read and cast
+        as the class docstring says; ``N`` is an int >= 1 (numpy integers too).
         """
         cond_mod = self._cond_mod(cond_mod)
         flatten = kwargs.pop("flatten", False)
         ignore_incomplete = kwargs.pop("ignore_incomplete", False)
         N = as_count(N, "N", "; N is the number of samples per data point")
-        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, require_all=False,
-                                  check_empty=False)
+        data, masks = self._read(inputs, require_all=False, check_empty=False)
         missing = [m for m in cond_mod if m not in data]
         if missing:
             raise ValueError(f"cond_mod names {missing}, which inputs.data lacks")
@@ -307,27 +337,33 @@ class CRMVAE(nn.Module):
             z = mu_J + torch.empty(shape, dtype=mu_J.dtype, device=mu_J.device).normal_() * torch.exp(0.5 * lv_J)
         if N > 1 and flatten:
             z = z.reshape(-1, *z.shape[2:])
-        return ModelOutput(z=z, one_latent_space=True)
+        return make_output(z=z, one_latent_space=True)
 
-    def decode(self, embedding, modalities: Union[list, str] = "all") -> ModelOutput:
-        """Decode ``embedding.z`` in ``modalities`` ("all", a name or a list). Puts the model in eval mode,
-        like MultiVae."""
+    def decode(self, embedding, modalities: Union[list, str] = "all"):
+        """Decode ``embedding.z`` (latents of shape (..., latent_dim), floating; cast to each decoder's dtype) in
+        ``modalities`` ("all", a name or a list). Puts the model in eval mode, like MultiVae."""
+        modalities = self._cond_mod(modalities, "modalities")
+        if isinstance(embedding, Tensor):
+            raise TypeError("decode takes the output of encode or generate_from_prior (with a 'z' field), got a "
+                            "tensor; pass {'z': z}")
+        try:
+            z = output_field(embedding, "z")
+        except TypeError:
+            raise TypeError(f"decode takes the output of encode or generate_from_prior (with a 'z' field), got "
+                            f"{type(embedding).__name__}") from None
+        z = check_latent(z, self.latent_dim, "embedding.z")
+        p = next(self.decoders.parameters(), None)
+        if p is not None and z.device != p.device:
+            raise ValueError(f"embedding.z is on {z.device} but the decoders' parameters on {p.device}; move it there")
         self.eval()
-        if modalities == "all":
-            modalities = list(self.decoders)
-        elif isinstance(modalities, str):
-            modalities = [modalities]
-        unknown = [m for m in modalities if m not in self.decoders]
-        if unknown:
-            raise ValueError(f"cannot decode unknown modality(ies) {unknown}; the model has {list(self.decoders)}")
-        z = output_field(embedding, "z")
         with torch.no_grad():
-            return ModelOutput({m: output_field(self.decoders[m](z), "reconstruction") for m in modalities})
+            return make_output({m: output_field(self.decoders[m](_cast_to(z, self.decoders[m])), "reconstruction")
+                                for m in modalities})
 
     def predict(self, inputs, cond_mod: Union[list, str] = "all", gen_mod: Union[list, str] = "all",
-                N: int = 1, flatten: bool = False, **kwargs) -> ModelOutput:
+                N: int = 1, flatten: bool = False, **kwargs):
         """Generate ``gen_mod`` conditioned on ``cond_mod``: (n, ...) per modality, (N, n, ...) for N>1, or
-        (N*n, ...) with ``flatten=True``."""
+        (N*n, ...) with ``flatten=True``. ``inputs`` are read and cast as the class docstring says."""
         self.eval()
         z = self.encode(inputs, cond_mod, N=N, flatten=True, **kwargs)
         output = self.decode(z, gen_mod)
@@ -337,10 +373,12 @@ class CRMVAE(nn.Module):
                 output[m] = output[m].reshape(N, n_data, *output[m].shape[1:])
         return output
 
-    def generate_from_prior(self, n_samples: int, **kwargs) -> ModelOutput:
-        """``z ~ N(0, I)``: (n_samples, D), or (D,) for one sample (MultiVae's shapes)."""
+    def generate_from_prior(self, n_samples: int, **kwargs):
+        """``z ~ N(0, I)``: (n_samples, D), or (D,) for one sample (MultiVae's shapes). ``n_samples``: an int >= 1
+        (numpy integers too)."""
+        n_samples = as_count(n_samples, "n_samples", "; it is the number of latents to draw")
         shape = [n_samples, self.latent_dim] if n_samples > 1 else [self.latent_dim]
-        return ModelOutput(z=torch.empty(shape).normal_().to(self.device), one_latent_space=True)
+        return make_output(z=torch.empty(shape).normal_().to(self.device), one_latent_space=True)
 
     # ------------------------------------------------------------------------------------------- joint NLL
     @torch.no_grad()
@@ -349,13 +387,15 @@ class CRMVAE(nn.Module):
 
         Incomplete data is supported: the joint is the product of the observed experts and only observed
         modalities enter ``log p(x | z)``. ``batch_size_K`` bounds the samples decoded at once per data point;
-        the answer does not depend on it.
+        the answer does not depend on it. Both paths draw and decode a bounded number of latents at a time, so
+        memory does not grow with K x n. ``inputs`` are read and cast as the class docstring says; ``K`` and
+        ``batch_size_K`` are ints >= 1 (numpy integers too).
         """
         K = as_count(K, "K", "; K is the number of importance samples per data point")
         batch_size_K = as_count(batch_size_K, "batch_size_K", "; it bounds the samples decoded at once")
         self.eval()
         names = self.modalities_name
-        data, masks = read_inputs(inputs, names, self.input_dims)
+        data, masks = self._read(inputs)
         mu, lv = self._encode_experts(data, names)
         mu_J, lv_J = reference.poe(mu, lv, stack_masks(masks, names))
         if self.fast_kernels:
@@ -387,21 +427,39 @@ class CRMVAE(nn.Module):
             total = total + lp
         return total
 
-    def _joint_ll_per_point(self, data, masks, mu_J, lv_J, K, batch_size_K) -> Tensor:
-        """MultiVae's algorithm: one point at a time, ``batch_size_K`` samples decoded at once."""
+    def _joint_ll_per_point(self, data, masks, mu_J, lv_J, K, batch_size_K, max_rows: Optional[int] = None) -> Tensor:
+        """MultiVae's estimator on MultiVae's draws: its one (K, n, D) standard normal draw (latent row
+        ``k * n + i`` is sample k of point i) is made here in slices of at most ``max_rows`` latents and at most
+        ``batch_size_K`` samples per point (default row budget: as :meth:`_posterior_blocks`), so memory does not
+        grow with K x n. On the CPU consecutive slices of a draw give the numbers of the whole draw (the
+        generator fills blocks of 16 values; every slice but the last is a whole number of blocks and the last
+        has at least 16 values), so a seeded run reproduces MultiVae's samples; on a GPU the slices are other
+        draws of the same distribution. Each slice is decoded at once and its importance weights are folded
+        into a running log-sum-exp per point. (n,)."""
         n, D = mu_J.shape
-        z_all = (mu_J + torch.empty((K, n, D), dtype=mu_J.dtype, device=mu_J.device).normal_()
-                 * torch.exp(0.5 * lv_J)).permute(1, 0, 2)
-        lls = []
-        for i in range(n):
-            chunks = []
-            for k0 in range(0, K, batch_size_K):
-                z = z_all[i, k0:k0 + batch_size_K].unsqueeze(0)
-                log_px = self._log_px(z, data, masks, slice(i, i + 1))
-                log_w = reference.importance_log_weights(log_px, z, mu_J[i:i + 1], lv_J[i:i + 1])
-                chunks.append(torch.logsumexp(log_w[0], dim=0))
-            lls.append(torch.logsumexp(torch.stack(chunks), dim=0) - math.log(K))
-        return torch.stack(lls)
+        if max_rows is None:
+            max_rows = NLL_MAX_ROWS if mu_J.is_cuda else _cpu_block_rows(data)
+        step = 16 // math.gcd(D, 16) if D else 1  # rows per whole number of 16-value blocks
+        rows = min(max_rows, batch_size_K * n)
+        rows = max(step, rows - rows % step)
+        total = K * n
+        bounds = list(range(0, total, rows)) + [total]
+        if len(bounds) > 2 and (total - bounds[-2]) * D < 16:
+            del bounds[-2]  # the last slice takes the short tail with it
+        std = torch.exp(0.5 * lv_J)
+        ct = compute_dtype(mu_J.dtype)
+        run_max = torch.full((n,), -math.inf, dtype=ct, device=mu_J.device)
+        run_sum = torch.zeros((n,), dtype=ct, device=mu_J.device)
+        for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            i = torch.arange(r0, r1, device=mu_J.device) % n  # the point of each latent row
+            eps = torch.empty((r1 - r0, D), dtype=mu_J.dtype, device=mu_J.device).normal_()
+            z = (mu_J[i] + eps * std[i]).unsqueeze(1)  # (rows, 1, D)
+            rows_data = {m: x[i] for m, x in data.items()}
+            rows_masks = None if masks is None else {m: w[i] for m, w in masks.items()}
+            log_px = self._log_px(z, rows_data, rows_masks, slice(None))
+            log_w = reference.importance_log_weights(log_px, z, mu_J[i], lv_J[i])[:, 0].to(ct)
+            run_max, run_sum = _fold_log_weights(run_max, run_sum, log_w, i)
+        return run_max + torch.log(run_sum) - math.log(K)
 
     def _posterior_blocks(self, data: dict, mu: Tensor, lv: Tensor, K: int, batch_size_K: int,
                           noise: Optional[Callable] = None, max_rows: Optional[int] = None):
@@ -464,6 +522,8 @@ class CRMVAE(nn.Module):
 
         ``reduction="sum"`` returns the sum over those points instead of the mean (0 where no point qualifies),
         which is what a sum over a dataset of incomplete batches needs (:func:`crmvae_fast.evaluate_cond_nll`).
+        ``inputs`` are read and cast as the class docstring says; ``K`` and ``batch_size_K`` are ints >= 1 (numpy
+        integers too).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f'reduction must be "mean" (MultiVae\'s) or "sum", got {reduction!r}')
@@ -473,15 +533,12 @@ class CRMVAE(nn.Module):
         if cond_mod is None or gen_mod is None:
             raise ValueError("compute_cond_nll needs cond_mod (alias subset) and gen_mod (alias pred_mods): "
                              "the modalities conditioned on and the ones scored, e.g. (inputs, ['img'], ['txt'])")
-        if not isinstance(K, int) or K < 1:
-            raise ValueError(f"K (alias k_iwae) must be an int >= 1, got {K!r}")
-        if not isinstance(batch_size_K, int) or batch_size_K < 1:
-            raise ValueError(f"batch_size_K must be an int >= 1, got {batch_size_K!r}")
+        K = as_count(K, "K (alias k_iwae)", "; K is the number of importance samples per data point")
+        batch_size_K = as_count(batch_size_K, "batch_size_K", "; it bounds the samples decoded at once")
         cond = self._cond_mod(cond_mod)
         gen = self._cond_mod(gen_mod, "gen_mod")
         self.eval()
-        data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, require_all=False,
-                                  check_empty=False)
+        data, masks = self._read(inputs, require_all=False, check_empty=False)
         missing = [m for m in dict.fromkeys(cond + gen) if m not in data]
         if missing:
             raise ValueError(f"cond_mod and gen_mod name {missing}, which inputs.data lacks")
@@ -562,6 +619,15 @@ class CRMVAE(nn.Module):
         return persistence.load_model(cls, dir_path, fast_kernels, encoders=encoders, decoders=decoders)
 
 
+def _fold_log_weights(run_max: Tensor, run_sum: Tensor, log_w: Tensor, point: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold log-weights ``log_w`` (r,) of the points ``point`` (r,) into the running ``(max, sum of exp(log w -
+    max))`` per point (n,), as ``ops.iw_lse_update`` does for rectangular chunks; an infinite max shifts by 0."""
+    new_max = run_max.scatter_reduce(0, point, log_w, "amax")
+    shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+    added = torch.zeros_like(run_sum).scatter_add(0, point, torch.exp(log_w - shift[point]))
+    return new_max, run_sum * torch.exp(run_max - shift) + added
+
+
 def _alias(name: str, value, alias: str, alias_value, default):
     """One argument that also goes by MultiVae's name (``subset`` for ``cond_mod``, ...)."""
     if value is not None and alias_value is not None:
@@ -578,3 +644,9 @@ def _cpu_block_rows(data: dict) -> int:
         return NLL_MAX_ROWS_CPU
     widths = [x[0].numel() * max(4, x.element_size()) for x in data.values() if isinstance(x, Tensor) and len(x)]
     return max(1, min(NLL_MAX_ROWS_CPU, NLL_CPU_BLOCK_BYTES // max(widths + [1])))
+
+
+def _cast_to(z: Tensor, module: nn.Module) -> Tensor:
+    """``z`` in the float dtype ``module`` takes (see :func:`input_dtype`)."""
+    dtype = input_dtype(module)
+    return z if dtype in (None, z.dtype) else z.to(dtype)

@@ -1,5 +1,10 @@
 """Outputs with attribute and key access, and the default MLP architectures.
 
+Outputs (of the model and of the default architectures) are pythae's ``ModelOutput`` (which MultiVae re-exports
+as ``multivae.models.base.ModelOutput``) wherever pythae is importable, so ``isinstance`` checks written for
+MultiVae hold; :class:`ModelOutput` below, with the same access, otherwise. Neither pythae nor MultiVae is a
+dependency: :func:`output_type` imports pythae on first use only (it takes seconds), never at package import.
+
 The default encoder and decoder have MultiVae's parameter names and shapes (``layers.0.0.weight``, ...,
 ``embedding``, ``log_var``), so a state_dict moves between the two libraries either way.
 """
@@ -36,6 +41,43 @@ class ModelOutput(dict):
         self[name] = value
 
 
+_OUTPUT_TYPE = None
+
+
+def output_type() -> type:
+    """The class of every output: a subclass of pythae's ``ModelOutput`` when pythae is importable, else
+    :class:`ModelOutput`. Resolved once, on first call (the model calls it when built, so a compiled step never
+    imports). The subclass reads attributes from the keys, as :class:`ModelOutput` does: pythae's class keeps
+    them in the instance ``__dict__`` as well, which ``torch.compile`` does not rebuild on the outputs of a
+    compiled function."""
+    global _OUTPUT_TYPE
+    if _OUTPUT_TYPE is None:
+        try:
+            from pythae.models.base.base_utils import ModelOutput as pythae_output
+        except Exception:  # not installed, or an install that fails to import: our own class serves
+            _OUTPUT_TYPE = ModelOutput
+        else:
+            _OUTPUT_TYPE = type("PythaeModelOutput", (pythae_output,), {
+                "__doc__": "pythae's ``ModelOutput`` (``isinstance`` holds) with attributes read from its keys.",
+                "__module__": __name__,
+                "__getattr__": ModelOutput.__getattr__,
+            })
+    return _OUTPUT_TYPE
+
+
+def __getattr__(name):
+    # ``crmvae_fast.nn.PythaeModelOutput`` exists once resolved; pickle finds it here in a fresh process too
+    if name == "PythaeModelOutput" and output_type().__name__ == name:
+        return output_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_output(*args, **kwargs):
+    """An output of :func:`output_type` holding ``dict(*args, **kwargs)``: ``out.name``, ``out["name"]``,
+    ``out[0]`` and ``out.to_tuple()`` all work."""
+    return output_type()(*args, **kwargs)
+
+
 def output_field(out, name: str):
     """``out.name`` or ``out[name]``: encoders and decoders may return either."""
     if isinstance(out, Mapping):
@@ -44,6 +86,14 @@ def output_field(out, name: str):
     elif hasattr(out, name):
         return getattr(out, name)
     raise TypeError(f"expected the module's output to have a {name!r} field (key or attribute), got {type(out).__name__}")
+
+
+def input_dtype(module: nn.Module):
+    """The float dtype ``module`` takes its input in: that of its first floating parameter, or None (take the
+    input as given) when it has none or holds an ``nn.Embedding``/``nn.EmbeddingBag`` (which takes token ids)."""
+    if any(isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for mod in module.modules()):
+        return None
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 class EncoderMLP(nn.Module):
@@ -59,11 +109,11 @@ class EncoderMLP(nn.Module):
         self.embedding = nn.Linear(512, latent_dim)
         self.log_var = nn.Linear(512, latent_dim)
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
+    def forward(self, x: torch.Tensor):
         out = x.reshape(-1, prod(self.input_dim))
         for layer in self.layers:
             out = layer(out)
-        return ModelOutput(embedding=self.embedding(out), log_covariance=self.log_var(out))
+        return make_output(embedding=self.embedding(out), log_covariance=self.log_var(out))
 
 
 class DecoderMLP(nn.Module):
@@ -79,11 +129,11 @@ class DecoderMLP(nn.Module):
             ]
         )
 
-    def forward(self, z: torch.Tensor) -> ModelOutput:
+    def forward(self, z: torch.Tensor):
         out = z
         for layer in self.layers:
             out = layer(out)
-        return ModelOutput(reconstruction=out.reshape(*z.shape[:-1], *self.input_dim))
+        return make_output(reconstruction=out.reshape(*z.shape[:-1], *self.input_dim))
 
 
 def default_encoders(input_dims: dict, latent_dim: int) -> nn.ModuleDict:

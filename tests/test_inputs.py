@@ -305,12 +305,16 @@ def test_fuzz_anything_either_reads_consistently_or_raises_value_or_type_error(n
         assert torch.stack(list(got_masks.values())).any(0).all()
 
 
-def test_config_takes_numpy_integers_and_refuses_bools(tmp_path):
-    """Before: numpy integers were refused as n_modalities / latent_dim, and True was taken for 1."""
+def test_config_takes_numpy_integers_and_coerces_like_multivae(tmp_path):
+    """Before issue 9: numpy integers were refused as n_modalities / latent_dim. Issue 16: MultiVae's config
+    (pydantic, lax mode) takes True, 2.0 and "2" as ints (1, 2, 2), and so does ours (tests/test_config.py checks
+    it against MultiVae's config); 0, 2.5 and "two" are refused."""
     cfg = cf.CRMVAEConfig(n_modalities=np.int64(2), latent_dim=np.int32(2), input_dims=DIMS)
     assert type(cfg.n_modalities) is int and type(cfg.latent_dim) is int
     cf.CRMVAE(cfg, fast_kernels=False).save(tmp_path / "m")  # the JSON writer takes them
     assert cf.CRMVAE.load_from_folder(tmp_path / "m").latent_dim == 2
-    for bad in (True, 2.0, 0, "2"):
-        with pytest.raises(ValueError, match="n_modalities must be a positive int"):
+    for value, want in ((True, 1), (2.0, 2), ("2", 2)):
+        assert cf.CRMVAEConfig(n_modalities=value).n_modalities == want
+    for bad in (0, 2.5, "two"):
+        with pytest.raises(ValueError, match="CRMVAEConfig.n_modalities must be an integer"):
             cf.CRMVAEConfig(n_modalities=bad)

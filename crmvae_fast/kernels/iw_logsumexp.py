@@ -27,6 +27,7 @@ never NaN; a ``+inf`` log-weight gives ``(run_max, run_sum) = (+inf, number of +
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -45,11 +46,19 @@ def iw_lse_init(n: int, device=None, dtype: torch.dtype = torch.float32) -> tupl
 
     Their dtype is the arithmetic dtype for inputs of ``dtype``: float64 for float64, else float32.
     """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise TypeError(f"iw_lse_init: expected n as an int >= 0 (the number of points), got {n!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"iw_lse_init: expected dtype as a torch.dtype, got {dtype!r}")
     ct = compute_dtype(dtype)
-    return (
-        torch.full((n,), -math.inf, device=device, dtype=ct),
-        torch.zeros((n,), device=device, dtype=ct),
-    )
+    try:
+        return (
+            torch.full((int(n),), -math.inf, device=device, dtype=ct),
+            torch.zeros((int(n),), device=device, dtype=ct),
+        )
+    except (RuntimeError, TypeError, AssertionError) as exc:  # an unknown or unavailable device
+        raise ValueError(f"iw_lse_init: cannot make the running pair on device {device!r} ({exc}); pass the device "
+                         "of the data, such as 'cpu' or 'cuda:0'") from None
 
 
 def iw_lse_update(
@@ -62,6 +71,7 @@ def iw_lse_update(
     the previous call. The inputs are cast to ``run_max``'s dtype (float32 or float64), which is also the
     dtype of the result. Functional (the inputs are not modified) and free of host syncs.
     """
+    _check_inputs(log_px, z, mu_J, lv_J, run_max, run_sum)
     ct = run_max.dtype
     log_px, z, mu_J, lv_J = log_px.to(ct), z.to(ct), mu_J.to(ct), lv_J.to(ct)
     if _extension.has_kernel(z.device.type):
@@ -73,11 +83,23 @@ def iw_lse_finalize(run_max: Tensor, run_sum: Tensor, K: int) -> Tensor:
     """``ll = run_max + log(run_sum) - log K``, (n,): the importance-weighted log-likelihood of each point
     after all ``K`` samples were folded in (-inf where every log-weight was -inf)."""
     K = as_count(K, "iw_lse_finalize: K", "; K is the total number of samples folded in")
+    if not (isinstance(run_max, Tensor) and isinstance(run_sum, Tensor)) or run_max.shape != run_sum.shape:
+        raise ValueError("iw_lse_finalize: expected run_max and run_sum as two (n,) tensors from iw_lse_update, "
+                         f"got {getattr(run_max, 'shape', type(run_max).__name__)} and "
+                         f"{getattr(run_sum, 'shape', type(run_sum).__name__)}")
     return run_max + torch.log(run_sum) - math.log(K)
 
 
 def _check_inputs(log_px: Tensor, z: Tensor, mu_J: Tensor, lv_J: Tensor, run_max: Tensor, run_sum: Tensor) -> None:
-    """The shape checks of the C++ op (``csrc/iw_logsumexp.h``), for the eager twin: no data is read."""
+    """The checks of the C++ op (``csrc/iw_logsumexp.h``), made before either runs: no data is read."""
+    names = ("log_px", "z", "mu_J", "lv_J", "run_max", "run_sum")
+    for name, t in zip(names, (log_px, z, mu_J, lv_J, run_max, run_sum)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"iw_lse_update: expected {name} as a floating tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+    if run_max.dtype not in (torch.float32, torch.float64) or run_sum.dtype != run_max.dtype:
+        raise TypeError(f"iw_lse_update: expected run_max and run_sum of one dtype, float32 or float64 (from "
+                        f"iw_lse_init), got {run_max.dtype} and {run_sum.dtype}")
     if z.dim() != 3:
         raise ValueError(f"iw_lse_update: z must be (n, k, D), got shape {tuple(z.shape)}")
     n, k, D = z.shape

@@ -700,6 +700,11 @@ def latent_step(
     if (eps_J is None) != (eps is None):
         raise ValueError("latent_step: give both eps_J and eps, or neither (then the noise is drawn)")
     if eps is not None:
+        if not (isinstance(eps_J, Tensor) and isinstance(eps, Tensor) and eps_J.is_floating_point()
+                and eps.is_floating_point()):
+            raise TypeError(f"latent_step: expected eps_J and eps as floating tensors (standard normal noise), got "
+                            f"{getattr(eps_J, 'dtype', type(eps_J).__name__)} and "
+                            f"{getattr(eps, 'dtype', type(eps).__name__)}")
         if tuple(eps_J.shape) != (B, D) or tuple(eps.shape) != (M, B, D):
             raise ValueError(f"latent_step: expected eps_J of shape {(B, D)} and eps of shape {(M, B, D)}, got "
                              f"{tuple(eps_J.shape)} and {tuple(eps.shape)}")

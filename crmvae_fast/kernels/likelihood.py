@@ -22,7 +22,8 @@ C = the last event dim for ``categorical`` and 1 otherwise)::
     out[r] = where(mask[t(r)], -rescale * sum_features log p, 0)            (float32; float64 for float64)
     d recon[r] = where(mask[t(r)], -rescale * g[r] * d log p / dy, 0)     (recon's dtype)
 
-``target`` gets no gradient (it is data); the public function refuses a target that requires one.
+``target`` gets a gradient when it requires one (data that requires grad, as on the eager path), computed in
+the autograd wrapper with torch ops from ``d recon`` (normal, laplace) or from recon (bernoulli, categorical).
 
 Bytes per recon element (float32): forward reads recon and target (8 B; the target row is re-read from cache
 when rows share it), writes 4 B per row; backward reads recon and target (8 B) and writes d recon (4 B).
@@ -32,6 +33,7 @@ Nothing is saved for backward but the op's inputs. One launch forward, one launc
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -41,6 +43,7 @@ from torch import Tensor
 
 from .. import _backend, reference
 from ..common import compute_dtype
+from ..inputs import as_count
 
 __all__ = ["likelihood", "likelihood_forward", "likelihood_backward", "KINDS"]
 
@@ -309,7 +312,29 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g):
     recon, target, mask = ctx.saved_tensors
     drecon = torch.ops.crmvae_fast.likelihood_backward(g, recon, target, mask, *ctx.args)
-    return drecon, None, None, None, None, None, None
+    dtarget = _target_grad(g, drecon, recon, target, mask, *ctx.args) if ctx.needs_input_grad[1] else None
+    return (drecon if ctx.needs_input_grad[0] else None), dtarget, None, None, None, None, None
+
+
+def _target_grad(g, drecon, recon, target, mask, kind, scale, rescale, inner):
+    """d target: per recon row r, ``-rescale g[r] d log p / d x``, summed into target row ``(r // inner) % N``.
+    Eager torch ops, run only when the target requires grad (data that requires grad, as on the eager path).
+    ``d log p / d x`` is ``-(d log p / d y)`` for normal and laplace (so the row's term is minus ``drecon``,
+    already zero where masked), ``y`` for bernoulli and ``log_softmax(y + eps)`` for categorical."""
+    R, N = recon.shape[0], target.shape[0]
+    ct = compute_dtype(recon.dtype)
+    rows = (torch.arange(R, device=recon.device) // inner) % max(N, 1)
+    if kind in (KINDS["normal"], KINDS["laplace"]):
+        per_row = -drecon.to(ct)
+    else:
+        y = recon.to(ct)
+        dlp = y if kind == KINDS["bernoulli"] else torch.log_softmax(y + CATEGORICAL_EPS, dim=-1)
+        per_row = (-rescale * g.to(ct)).reshape(R, *[1] * (recon.dim() - 1)) * dlp
+        if mask is not None:
+            keep = mask[rows].reshape(R, *[1] * (recon.dim() - 1))
+            per_row = torch.where(keep, per_row, torch.zeros((), dtype=ct, device=recon.device))
+    dtarget = torch.zeros(target.shape, dtype=ct, device=target.device).index_add_(0, rows, per_row)
+    return dtarget.to(target.dtype)
 
 
 _likelihood_op.register_autograd(_backward, setup_context=_setup_context)
@@ -336,10 +361,11 @@ def likelihood(
     ``(r // inner) % N``; ``dist`` one of ``normal``, ``laplace`` (both with ``scale``), ``bernoulli`` (recon are
     logits), ``categorical`` (classes along the last dim, MultiVae's ``cross_entropy``); ``mask`` (N,) bool or
     float (nonzero = observed) or None. Returns (R,) float32 (float64 for float64 recon). Differentiable in
-    ``recon`` only. Tensors the Triton kernels cannot take (CPU without ``TRITON_INTERPRET=1``) go through the
+    ``recon`` and, when it is floating and requires grad, ``target``. ``scale`` and ``rescale``: finite numbers,
+    ``scale > 0``. Tensors the Triton kernels cannot take (CPU without ``TRITON_INTERPRET=1``) go through the
     eager twin.
     """
-    if dist not in KINDS:
+    if not isinstance(dist, str) or dist not in KINDS:
         raise ValueError(f"likelihood: expected dist in {sorted(KINDS)}, got {dist!r}; use the eager "
                          "reference.neg_log_likelihood (or the model's eager path) for a custom distribution")
     if not isinstance(recon, Tensor) or not isinstance(target, Tensor):
@@ -351,17 +377,25 @@ def likelihood(
     if not recon.is_floating_point():
         raise TypeError(f"likelihood: expected a floating recon, got {recon.dtype}")
     R, N = recon.shape[0], target.shape[0]
-    if not isinstance(inner, int) or inner < 1 or (N == 0 and R > 0) or (N > 0 and R % N != 0):
-        raise ValueError(f"likelihood: expected recon rows R = {R} to be a multiple of the target rows N = {N} "
-                         f"(and inner = {inner} >= 1); repeat the target or pass the matching inner")
-    if target.requires_grad:
-        raise ValueError("likelihood: target requires grad, but the fused op gives no gradient to the target; "
-                         "detach it, or use reference.neg_log_likelihood")
-    if not (scale > 0):
-        raise ValueError(f"likelihood: expected scale > 0, got {scale}")
+    inner = as_count(inner, "likelihood: inner", "; recon row r is scored against target row (r // inner) % N")
+    if (N == 0 and R > 0) or (N > 0 and R % N != 0):
+        raise ValueError(f"likelihood: expected recon rows R = {R} to be a multiple of the target rows N = {N}; "
+                         "repeat the target or pass the matching inner")
+    for name, v in (("scale", scale), ("rescale", rescale)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"likelihood: expected {name} as a number, got {v!r}")
+        if not math.isfinite(v):
+            raise ValueError(f"likelihood: expected a finite {name}, got {v!r}")
+    if not scale > 0:
+        raise ValueError(f"likelihood: expected scale > 0, got {scale}; a scale of 0 or below has no density")
+    if target.is_complex():
+        raise TypeError(f"likelihood: expected a real target, got {target.dtype}")
     if target.device != recon.device:
         raise ValueError(f"likelihood: recon is on {recon.device} but target is on {target.device}")
     if mask is not None:
+        if not isinstance(mask, Tensor) or mask.is_complex():
+            raise TypeError(f"likelihood: expected mask as an (N,) bool or float tensor or None, got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
         if tuple(mask.shape) != (N,):
             raise ValueError(f"likelihood: expected mask of shape (N,) = {(N,)}, got {tuple(mask.shape)}")
         if mask.device != recon.device:

@@ -34,6 +34,7 @@ output and no gradient (their gradient is exactly 0).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -407,6 +408,8 @@ def poe(
     mu, lv, mask = check_experts("poe", mu, lv, mask)
     M, B, D = mu.shape
     if subsets is not None:
+        if not isinstance(subsets, Tensor):
+            raise TypeError(f"poe: expected subsets as an (S, M) bool tensor or None, got {type(subsets).__name__}")
         if subsets.dim() != 2 or subsets.shape[1] != M:
             raise ValueError(f"poe: expected subsets of shape (S, M) with M = {M} (one row of flags per product), "
                              f"got {tuple(subsets.shape)}")
@@ -417,9 +420,14 @@ def poe(
             if subsets.is_complex():
                 raise TypeError(f"poe: expected bool subsets, got {subsets.dtype}")
             subsets = subsets != 0
+    if isinstance(var_floor, bool) or not isinstance(var_floor, numbers.Real):
+        raise TypeError(f"poe: expected var_floor as a number >= 0, got {var_floor!r}")
     var_floor = float(var_floor)
     if not (math.isfinite(var_floor) and var_floor >= 0):
         raise ValueError(f"poe: expected a finite var_floor >= 0, got {var_floor}")
+    if not (isinstance(prior_expert, numbers.Integral) or type(prior_expert).__name__ in ("bool", "bool_")) or \
+            isinstance(prior_expert, Tensor) or prior_expert not in (0, 1):
+        raise TypeError(f"poe: expected prior_expert as a bool, got {prior_expert!r}")
     prior_expert = bool(prior_expert)
 
     if not _backend.triton_runs_on(mu.device):
