@@ -16,8 +16,8 @@ import warnings
 from typing import NamedTuple, Optional, Tuple
 
 #: The oldest torch and Triton the package supports (and was tested on).
-MIN_TORCH = "2.5.0"
-MIN_TRITON = "3.1.0"
+MIN_TORCH = "2.8.0"
+MIN_TRITON = "3.4.0"
 
 
 class TestedRun(NamedTuple):
