@@ -118,12 +118,16 @@ _LOG_FLOOR = tl.constexpr(math.log(VAR_FLOOR))
 _VEC = 4  # contiguous elements of d per thread
 _MAX_WARPS = 4  # a tile holds at most _VEC * 32 * _MAX_WARPS = 512 elements
 H100_SMS = 132
-# Registers per thread, capped explicitly (ptx ``.maxnreg``) instead of left to ptxas's occupancy heuristic,
-# which is luck: at M = 5, D = 512 float32 it gave the backward 128 registers and 2 spill instructions on sm_90
-# under triton 3.8, 143 and none under 3.9. Told 128, ptxas fits both kernels in 128 with no spill on every
-# triton of the tested range (``tests/test_kernel_report.py`` checks it per version), and the occupancy is fixed:
-# 65536 / (128 x 256) = 2 backward programs of 8 warps, or 4 forward programs of 4 warps, per SM.
-_MAXNREG = 128
+# Registers per thread: the ptx ``.maxnreg`` set to the hardware's 255, so that ptxas never trades registers for
+# occupancy. Left to its own heuristic it did, by luck of the version: at M = 5, D = 512 float32 it gave the
+# backward 128 registers and 2 spill instructions (an 8-byte stack) on sm_90 under triton 3.8, 143 and none under
+# 3.9. Lower caps were tried and are no better: at 128 triton 3.6 spills (3 instructions forward, 14 backward at
+# sm_80), at 168 its forward still spills 3 at sm_90 (ptxas fills the cap with hoisted loads). At 255 no kernel
+# spills on any triton of the tested range (``tests/test_kernel_report.py`` checks it per version, with the
+# registers each one takes). The price is occupancy: 170-215 registers leave 8 warps per SM (one backward
+# program of 8 warps, two forward programs of 4), where 128 registers left 16: memory-bound by the kernel
+# report's model either way, but not yet measured on a GPU.
+_MAXNREG = 255
 
 
 def _has_maxnreg() -> bool:

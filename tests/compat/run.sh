@@ -54,18 +54,29 @@ main() {
         mkdir -p "$LOG"
         echo "[compat] installing torch==$TORCH_VERSION torchvision==$TORCHVISION into $VENV"
         "$PY" -m pip install -q --upgrade pip setuptools wheel >"$LOG/pip.log" 2>&1
-        if ! "$PY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION" "multivae==1.0.3" \
-                pytest hypothesis scipy numpy packaging pybind11 ninja >>"$LOG/pip.log" 2>&1; then
-            tail -20 "$LOG/pip.log" >&2
-            echo "torch $TORCH_VERSION: install failed (see $LOG/pip.log)"
-            exit 1
+        local deps=("multivae==1.0.3" pytest hypothesis scipy numpy packaging pybind11 ninja)
+        if ! "$PY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION" "${deps[@]}" \
+                >>"$LOG/pip.log" 2>&1; then
+            # a torch newer than any torchvision release (torchvision pins its torch): the newest torchvision
+            # without its dependencies, recorded in the venv and said in the summary
+            echo "[compat] no torchvision==$TORCHVISION for torch $TORCH_VERSION: the newest one, --no-deps"
+            if ! { "$PY" -m pip install -q "torch==$TORCH_VERSION" >>"$LOG/pip.log" 2>&1 &&
+                   "$PY" -m pip install -q --no-deps torchvision >>"$LOG/pip.log" 2>&1 &&
+                   "$PY" -m pip install -q "torch==$TORCH_VERSION" "${deps[@]}" >>"$LOG/pip.log" 2>&1; }; then
+                tail -20 "$LOG/pip.log" >&2
+                echo "torch $TORCH_VERSION: install failed (see $LOG/pip.log)"
+                exit 1
+            fi
+            echo "torchvision installed --no-deps (none released for torch $TORCH_VERSION)" >"$VENV/.note"
         fi
         touch "$VENV/.installed"
     fi
     mkdir -p "$LOG"
     read -r TV TRV PYV CUDAV < <("$PY" -c "import sys, torch, triton; print(torch.__version__, triton.__version__, \
     '%d.%d.%d' % sys.version_info[:3], torch.version.cuda)")
-    echo "[compat] torch $TV triton $TRV python $PYV (CUDA $CUDAV wheel), installed in $(( $(date +%s) - start )) s"
+    local NOTE=""
+    [ -f "$VENV/.note" ] && NOTE="; $(cat "$VENV/.note")"
+    echo "[compat] torch $TV triton $TRV python $PYV (CUDA $CUDAV wheel), installed in $(( $(date +%s) - start )) s$NOTE"
 
     # A fresh copy of the checkout: the extension is built there, against this torch, never in the checkout itself.
     rm -rf "$SRC"
@@ -95,7 +106,7 @@ main() {
                 for d in "$site"/nvidia/cuda_nvcc/*/ "$site"/nvidia/cuda_runtime/*/; do
                     [ "$(basename "$d")" = __pycache__ ] && continue
                     mkdir -p "$CUDA_DIR/$(basename "$d")"
-                    cp -rs "$d". "$CUDA_DIR/$(basename "$d")"/
+                    cp -rsf "$d". "$CUDA_DIR/$(basename "$d")"/
                 done
                 [ -d "$CUDA_DIR/lib" ] && [ ! -e "$CUDA_DIR/lib64" ] && ln -s lib "$CUDA_DIR/lib64"
             fi
@@ -161,7 +172,7 @@ print(f"{n['passed']} passed, {n['failed']} failed, {n['skipped']} skipped" + (f
 PYEOF
     )
     echo "[compat] $(( $(date +%s) - start )) s in all; CUDA source: $NVCC_NOTE; logs in $LOG"
-    echo "torch $TV triton $TRV python $PYV: $SUMMARY"
+    echo "torch $TV triton $TRV python $PYV: $SUMMARY$NOTE"
     [ $rc = 0 ]
 }
 
