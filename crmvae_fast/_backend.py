@@ -43,12 +43,13 @@ def fix_interpreter_index(interpreter) -> bool:
     ``triton.runtime.interpreter`` module so the older ones do the same (``.item()``). It changes nothing where
     the interpreter does not have the bug (its source is checked) and nothing on a GPU."""
     import inspect
+    import re
 
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None or getattr(original, "__wrapped__", None) is not None:
         return False
     try:
-        buggy = "int(self.handle.data))" in inspect.getsource(original)
+        buggy = re.search(r"int\(self\.handle\.data\)", inspect.getsource(original)) is not None
     except (OSError, TypeError):
         return False
     if not buggy:

