@@ -101,7 +101,8 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
         data = {m: data[m] for m in names}
 
     sizes = {m: data[m].shape[0] if data[m].dim() else None for m in names}
-    if len(set(sizes.values())) != 1 or None in sizes.values():
+    # a list, not the dict view: torch 2.8's dynamo cannot trace dict_values.__contains__ (a graph break)
+    if len(set(sizes.values())) != 1 or None in list(sizes.values()):
         raise ValueError(f"every modality must have the same batch size (first dim); got {sizes}")
     B = next(iter(sizes.values()))
     if B == 0:

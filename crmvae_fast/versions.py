@@ -35,7 +35,9 @@ class TestedRun(NamedTuple):
 
 
 #: Every tested pair, oldest first (``docs/compatibility.md`` has the same rows and what each did not run).
-TESTED: Tuple[TestedRun, ...] = ()
+TESTED: Tuple[TestedRun, ...] = (
+    TestedRun("2.11.0", "3.6.0", "3.11.7", "13.0", "2026-12-02", "262 passed, 0 failed, 54 skipped (--quick)"),
+)
 
 
 def release(version: str) -> Tuple[int, ...]:
