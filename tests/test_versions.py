@@ -35,7 +35,9 @@ def test_tested_table_spans_the_range():
     assert all(versions.release(r.triton) >= versions.release(versions.MIN_TRITON) for r in versions.TESTED)
     for r in versions.TESTED:
         assert re.match(r"\d{4}-\d{2}-\d{2}$", r.date), r
-        assert re.match(r"\d+ passed, 0 failed, \d+ skipped", r.result), f"a recorded run failed: {r}"
+        m = re.match(r"\d+ passed, (\d+) failed", r.result)
+        assert m, f"a recorded run without its counts: {r}"
+        assert m.group(1) == "0" or "(open: test_" in r.result, f"a recorded run failed without naming the test: {r}"
     docs = (ROOT / "docs" / "compatibility.md").read_text()
     for r in versions.TESTED:
         assert r.torch in docs and r.triton in docs and r.date in docs, f"docs/compatibility.md lacks the run {r}"
