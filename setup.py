@@ -17,6 +17,7 @@ JIT-build the extension (``crmvae_fast/_extension.py``). ``CRMVAE_FAST_SKIP_EXT=
 """
 
 import os
+import runpy
 from pathlib import Path
 
 try:
@@ -28,13 +29,14 @@ from setuptools import setup
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-MIN_TORCH = Version("2.5")
-if Version(torch.__version__).release < MIN_TORCH.release:
-    raise RuntimeError(f"crmvae_fast needs torch>={MIN_TORCH}, found {torch.__version__}")
-
 #: Measured on a 2-core x86_64 VM (1m48s of CPU, 5m15s wall at load 11); printed before the build.
 CPU_BUILD_TIME = "about 2 minutes of CPU time (5 minutes of wall time on a loaded 2-core machine)"
 ROOT = Path(__file__).resolve().parent
+# the supported range is declared once, in crmvae_fast/versions.py (standard library only: safe to run here)
+MIN_TORCH = Version(runpy.run_path(str(ROOT / "crmvae_fast" / "versions.py"))["MIN_TORCH"])
+if Version(torch.__version__).release < MIN_TORCH.release:
+    raise RuntimeError(f"crmvae_fast needs torch>={MIN_TORCH}, found torch {torch.__version__}; install a newer torch "
+                       "(docs/compatibility.md lists the tested versions)")
 CSRC = ROOT / "csrc"
 
 

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from . import versions
+
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
@@ -24,8 +26,56 @@ except Exception as exc:  # pragma: no cover - triton ships with CUDA builds of 
     TRITON_VERSION = None
     _TRITON_REASON = f"triton could not be imported: {exc!r}"
 
+#: torch and triton against the tested range (:mod:`crmvae_fast.versions`); warns once, here, when outside it.
+VERSIONS = versions.check(torch.__version__, TRITON_VERSION)
+
 
 _INTERPRETER_LOCK = threading.RLock()
+
+
+def fix_interpreter_index(interpreter) -> bool:
+    """Make the Triton interpreter's scalar-to-int conversion work with numpy >= 2.4; True when it patched.
+
+    The interpreter holds a kernel's scalar arguments as numpy arrays of shape (1,), and up to triton 3.6 turns
+    one into an int (``range(0, D, BLOCK_D)`` in a kernel) with ``int(array)``, which numpy 2.4 made a
+    TypeError ("only 0-dimensional arrays can be converted to Python scalars"): every kernel with a loop over
+    a runtime bound failed. triton 3.8 squeezes the array first; this wraps ``_patch_lang_tensor`` of the given
+    ``triton.runtime.interpreter`` module so the older ones do the same (``.item()``). It changes nothing where
+    the interpreter does not have the bug (its source is checked) and nothing on a GPU."""
+    import inspect
+    import re
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "__wrapped__", None) is not None:
+        return False
+    try:
+        buggy = re.search(r"int\(self\.handle\.data\)", inspect.getsource(original)) is not None
+    except (OSError, TypeError):
+        return False
+    if not buggy:
+        return False
+
+    def _index(self):
+        return int(self.handle.data.item())
+
+    def _patch_lang_tensor(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        scope = args[0] if args else kwargs.get("scope")
+        if hasattr(scope, "set_attr"):  # restored with the rest when the kernel returns
+            scope.set_attr(tensor, "__index__", _index)
+        else:
+            tensor.__index__ = _index
+        return out
+
+    _patch_lang_tensor.__wrapped__ = original
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+    return True
+
+
+if INTERPRET and TRITON_VERSION is not None:
+    from triton.runtime import interpreter as _interpreter
+
+    fix_interpreter_index(_interpreter)
 
 
 def launch_guard():
@@ -76,7 +126,9 @@ def backend_info() -> dict:
     ``extension`` ("cuda", "cpu" or None), ``cuda`` (bool), then for every registered op
     (:mod:`crmvae_fast.registry`, under its name and its aliases, e.g. ``latent_step`` and ``joint_nll``) what
     runs it for CPU and CUDA tensors, and a ``reasons`` dict naming why each path that is off is off
-    (``reasons["<op>.<device>"]`` for an op that runs its eager twin there)."""
+    (``reasons["<op>.<device>"]`` for an op that runs its eager twin there). ``torch``, ``tested_range`` and
+    ``in_tested_range`` place the installed versions in the tested range (:mod:`crmvae_fast.versions`); outside
+    it ``reasons["versions"]`` says how, and importing the package has warned once."""
     from . import _extension, registry
 
     ext_kind, ext_reason = _extension.status()
@@ -96,7 +148,11 @@ def backend_info() -> dict:
         "extension": ext_kind,
         "cuda": cuda,
         "torch": torch.__version__,
+        "tested_range": VERSIONS["tested_range"],
+        "in_tested_range": VERSIONS["in_tested_range"],
     }
+    if VERSIONS["reason"]:
+        reasons["versions"] = VERSIONS["reason"]
     for spec in registry.OPS.values():
         where = {}
         for dev in ("cpu", "cuda"):

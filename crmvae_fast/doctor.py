@@ -3,7 +3,7 @@
 It prints, in order:
 
 1. the versions (Python, torch and the CUDA it was built with, triton, the C++/CUDA extension, the GPU) against
-   the range the package is tested on (``crmvae_fast.versions``);
+   the range the package is tested on (:mod:`crmvae_fast.versions`);
 2. where each registered op (:data:`crmvae_fast.registry.OPS`) runs on each device here: Triton, the Triton
    interpreter, the extension, or its eager twin and why (:func:`crmvae_fast._backend.op_backend`);
 3. a table of verdicts: every registered op, forward and backward, against its eager twin on each device, in
@@ -28,7 +28,6 @@ seconds on a GPU (plus the compile of the model step), a few minutes through the
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import math
@@ -43,7 +42,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import _backend, registry
+from . import _backend, registry, versions
 
 #: (atol, rtol) for outputs and for gradients, per input dtype: an element passes when
 #: ``|fused - twin| <= atol + rtol * |twin|``. Low precision: the twins round some intermediates (mu_J, lv_J)
@@ -376,19 +375,6 @@ def model_rows(devices: Sequence[str]) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- versions
-def _tested_range() -> tuple:
-    """``({"torch": lowest, "triton": lowest}, "")`` from :mod:`crmvae_fast.versions` (``MIN_TORCH``,
-    ``MIN_TRITON``), or ``(None, why not)`` while that module is not there."""
-    try:
-        versions = importlib.import_module(f"{__package__}.versions")
-    except ImportError:
-        return None, "crmvae_fast.versions not available"
-    try:
-        return {"torch": str(versions.MIN_TORCH), "triton": str(versions.MIN_TRITON)}, ""
-    except AttributeError as exc:
-        return None, f"crmvae_fast.versions has no {exc.name}"
-
-
 def version_info() -> dict:
     """Python, torch (and its CUDA), triton, the extension build, the GPU, and the tested range with a note on
     whether the installed torch and triton are inside it."""
@@ -410,16 +396,10 @@ def version_info() -> dict:
                 if cuda else None),
         "interpreter": _backend.INTERPRET,
     }
-    tested, why = _tested_range()
-    if tested is None:
-        info["tested_range"], info["in_range"] = None, why
-        return info
-    from packaging.version import Version
-
-    info["tested_range"] = tested
-    outside = [f"{k} {have} < {tested[k]}" for k, have in (("torch", torch.__version__), ("triton", info["triton"]))
-               if have is not None and Version(Version(have).base_version) < Version(tested[k])]
-    info["in_range"] = "yes" if not outside else "OUTSIDE the tested range: " + ", ".join(outside)
+    reason = versions.outside_range(torch.__version__, info["triton"])
+    lo_hi = versions.tested_range()
+    info["tested_range"] = ", ".join(f"{k} {lo} .. {hi}" for k, (lo, hi) in lo_hi.items())
+    info["in_range"] = "yes" if not reason else f"OUTSIDE the tested range: {reason}"
     return info
 
 
@@ -507,9 +487,7 @@ def run(args: argparse.Namespace) -> int:
     print("crmvae-fast doctor\n\nversions")
     for k in ("python", "torch", "torch_cuda", "triton", "extension", "gpu", "interpreter"):
         print(f"  {k:<12} {_fmt(info[k])}")
-    rng = info["tested_range"]
-    print(f"  {'tested':<12} " + (f"torch >= {rng['torch']}, triton >= {rng['triton']}: {info['in_range']}" if rng
-                                  else f"unknown ({info['in_range']})"))
+    print(f"  {'tested':<12} {info['tested_range']}: {info['in_range']}")
 
     where = {name: {d: _where(registry.OPS[name], d) for d in devices} for name in ops}
     print("\nwhere each op runs")
@@ -540,7 +518,7 @@ def run(args: argparse.Namespace) -> int:
     failed = sorted({r["check"].removesuffix(" fwd").removesuffix(" bwd") for r in rows if r["verdict"] == "FAIL"})
     print(f"\ndoctor: {len(rows)} checks, {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in "
           f"{time.perf_counter() - t0:.1f} s" + (f"; FAILED: {', '.join(failed)}" if failed else "; all passed")
-          + ("" if not rng or info["in_range"] == "yes" else f"; versions {info['in_range']}"))
+          + ("" if info["in_range"] == "yes" else f"; versions {info['in_range']}"))
     if interp_note:
         print(f"note: {interp_note}")
     if args.json:

@@ -48,7 +48,7 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
     masks are on the CPU. Only metadata is read, except for CPU masks (no host-device sync).
 
     Dtypes: complex data is refused (``TypeError`` naming the modality). ``dtypes`` (name -> float dtype or
-    None; the model passes :func:`crmvae_fast.nn.input_dtype` of each encoder, the dtype of its parameters)
+    None; the model passes ``crmvae_fast.nn.input_dtype`` of each encoder, the dtype of its parameters)
     casts each modality to its dtype: integer and bool data (uint8 images, 0/1 labels: by value, no scaling to
     [0, 1]) and data of another float dtype (float64 or float16 for a float32 model; under autocast too, which
     then casts for each op as usual).
@@ -118,7 +118,8 @@ def read_inputs(inputs, modalities, input_dims=None, *, require_all=True, check_
         data = {m: data[m] for m in names}
 
     sizes = {m: data[m].shape[0] if data[m].dim() else None for m in names}
-    if len(set(sizes.values())) != 1 or None in sizes.values():
+    # a list, not the dict view: torch 2.8's dynamo cannot trace dict_values.__contains__ (a graph break)
+    if len(set(sizes.values())) != 1 or None in list(sizes.values()):
         raise ValueError(f"every modality must have the same batch size (first dim); got {sizes}")
     B = next(iter(sizes.values()))
     if B == 0:

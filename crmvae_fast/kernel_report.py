@@ -40,18 +40,38 @@ GPUS = {
 }
 REGS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SMEM_PER_SM = 65536, 64, 32, 228 * 1024
 
+def compile_kernel(kernel, signature: dict, constexprs: dict, attrs: Optional[dict], cap: int, options: dict):
+    """``triton.compile`` of one specialization to sm_``cap`` cubin, no GPU needed, with the installed triton's
+    API: ``ASTSource(constexprs=, attrs={(i,): [["tt.divisibility", 16]]})`` from triton 3.3 on; before, the
+    signature without the constexprs, ``constants=`` and an ``AttrsDescriptor`` of the 16-divisible arguments.
+    ``signature`` names every argument (``"constexpr"`` for the constexprs), ``attrs`` as from 3.3 (or None)."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    else:  # triton 3.1, 3.2
+        from triton.compiler import AttrsDescriptor
+
+        div = [i for (i,), hints in (attrs or {}).items() if ["tt.divisibility", 16] in hints]
+        desc = (AttrsDescriptor.from_hints({i: 16 for i in div}) if hasattr(AttrsDescriptor, "from_hints")
+                else AttrsDescriptor(tuple(div), ()))
+        src = ASTSource(fn=kernel, signature={k: v for k, v in signature.items() if v != "constexpr"},
+                        constants=dict(constexprs), attrs=desc)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+
+
 _WORKER = r'''
 import importlib, json, os, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from crmvae_fast.kernel_report import compile_kernel
 ls = importlib.import_module("crmvae_fast.kernels.latent_step")
 M, B, D, dtype, cap, out = json.loads(sys.argv[1])
 rows = []
 for i, s in enumerate(ls.specializations(M, B, D, dtype)):
-    c = triton.compile(ASTSource(fn=s["kernel"], signature=s["signature"], constexprs=s["constexprs"],
-                                 attrs=s["attrs"]),
-                       target=GPUTarget("cuda", cap, 32), options={"num_warps": s["num_warps"]})
+    c = compile_kernel(s["kernel"], s["signature"], s["constexprs"], s["attrs"], cap, s["options"])
     path = os.path.join(out, f"k{i}.cubin")
     with open(path, "wb") as f:
         f.write(c.asm["cubin"])

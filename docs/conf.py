@@ -36,6 +36,8 @@ public_docstrings_modules = [
     "crmvae_fast.counts",
     "crmvae_fast.persistence",
     "crmvae_fast.doctor",
+    "crmvae_fast.versions",
+    "crmvae_fast.inputs",
 ]
 
 autodoc_member_order = "bysource"

@@ -3,6 +3,7 @@ with nvcc and torch's headers, flags and defines: the check CI can make without 
 
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -56,6 +57,14 @@ def test_cuda_kernel_compiles_for_sm80_and_sm90(tmp_path):
         if os.environ.get("CI") == "true":  # CI's machine has nvcc: its absence there is a broken set-up
             pytest.fail(reason)
         pytest.skip(reason)
+    if torch.version.cuda is None:
+        pytest.skip(f"torch {torch.__version__} is a build without CUDA: no CUDA extension to compile")
+    release = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    major = re.search(r"release (\d+)\.", release)
+    if major is None or major.group(1) != torch.version.cuda.split(".")[0]:
+        # torch refuses to build an extension with an nvcc of another CUDA major: compiling with it proves nothing
+        pytest.skip(f"nvcc at {nvcc} is CUDA {major.group(1) if major else '?'}, torch {torch.__version__} was built "
+                    f"with CUDA {torch.version.cuda}: no nvcc of that major here to compile the CUDA source with")
     includes = _torch_cuda_includes() + _runtime_includes(nvcc, tmp_path)
     includes += [sysconfig.get_paths()["include"], str(CUDA_SOURCE.parent)]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)

@@ -3,7 +3,8 @@ present. The ops come from the registry (:mod:`crmvae_fast.registry`, every op w
 each op's module lists the specializations to build in ``compile_configs()``; a kernel module under
 ``crmvae_fast/kernels`` with Triton kernels but no registry entry fails the test.
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` runs the whole pipeline (TTIR -> TTGIR ->
-LLIR -> PTX -> ptxas, the ptxas triton ships).
+LLIR -> PTX -> ptxas, the ptxas triton ships); :func:`crmvae_fast.kernel_report.compile_kernel` calls it with the
+API of the installed triton (it changed in 3.3).
 
 Under ``TRITON_INTERPRET=1`` (set by conftest without a GPU) ``@triton.jit`` gives interpreter wrappers, not
 ``JITFunction``s, so the compilation runs in a subprocess with ``TRITON_INTERPRET=0``.
@@ -25,15 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent(
     r'''
     import importlib, json, pkgutil
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
     import crmvae_fast.kernels as pkg
     from crmvae_fast import registry
+    from crmvae_fast.kernel_report import compile_kernel  # the installed triton's compile API
 
     # Every Triton op of the registry declares the specializations to build in compile_configs():
-    # (name, kernel, signature, constexprs, num_warps). Every module holding Triton kernels must be such an op.
+    # (name, kernel, signature, constexprs, num_warps or a dict of compile options). Every module holding Triton
+    # kernels must be such an op.
     triton_ops = [spec for spec in registry.OPS.values() if spec.backend == "triton"]
     kernels, configs, unregistered = [], [], []
     for info in pkgutil.iter_modules(pkg.__path__):
@@ -48,11 +48,8 @@ SCRIPT = textwrap.dedent(
     for cap in (80, 90):
         for modname, (name, kernel, signature, constexprs, num_warps) in configs:
             try:
-                compiled = triton.compile(
-                    ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                    target=GPUTarget("cuda", cap, 32),
-                    options={"num_warps": num_warps},
-                )
+                options = num_warps if isinstance(num_warps, dict) else {"num_warps": num_warps}
+                compiled = compile_kernel(kernel, signature, constexprs, None, cap, options)
                 results.append(dict(kernel=f"{modname}.{kernel.__name__}", config=name, cap=cap,
                                     cubin=len(compiled.asm.get("cubin", b"")), error=None))
             except Exception as exc:  # reported by the test, with the kernel and target that failed

@@ -118,6 +118,30 @@ _LOG_FLOOR = tl.constexpr(math.log(VAR_FLOOR))
 _VEC = 4  # contiguous elements of d per thread
 _MAX_WARPS = 4  # a tile holds at most _VEC * 32 * _MAX_WARPS = 512 elements
 H100_SMS = 132
+# Registers per thread: the ptx ``.maxnreg`` set to the hardware's 255, so that ptxas never trades registers for
+# occupancy. Left to its own heuristic it did, by luck of the version: at M = 5, D = 512 float32 it gave the
+# backward 128 registers and 2 spill instructions (an 8-byte stack) on sm_90 under triton 3.8, 143 and none under
+# 3.9. Lower caps were tried and are no better: at 128 triton 3.6 spills (3 instructions forward, 14 backward at
+# sm_80), at 168 its forward still spills 3 at sm_90 (ptxas fills the cap with hoisted loads). At 255 no kernel
+# spills on any triton of the tested range (``tests/test_kernel_report.py`` checks it per version, with the
+# registers each one takes). The price is occupancy: 170-215 registers leave 8 warps per SM (one backward
+# program of 8 warps, two forward programs of 4), where 128 registers left 16: memory-bound by the kernel
+# report's model either way, but not yet measured on a GPU.
+_MAXNREG = 255
+
+
+def _has_maxnreg() -> bool:
+    """True when this triton takes a ``maxnreg`` option (its NVIDIA backend's ``CUDAOptions`` has the field)."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return "maxnreg" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def _options(num_warps: int) -> dict:
+    """The compile options of a launch: ``num_warps`` and, where this triton has it, the register cap."""
+    return dict(num_warps=num_warps, **({"maxnreg": _MAXNREG} if _has_maxnreg() else {}))
 
 
 def _tiles(B: int, D: int, backward: bool = False) -> tuple[int, int, int]:
@@ -486,7 +510,7 @@ def latent_step_forward(
             B, D, swm, swb,
             M=M, HAS_MASK=mask is not None, DRAW=draw, CT=_ct(mu.dtype),
             BLOCK_B=block_b, BLOCK_D=block_d, BLOCK_M=triton.next_power_of_2(M), FAST=_fast(mu.dtype),
-            num_warps=num_warps,
+            **_options(num_warps),
         )
     return mu_J, lv_J, z_J, z, kl0, klm
 
@@ -526,7 +550,7 @@ def latent_step_backward(
             HAS_GMUJ=g_mu_J is not None, HAS_GLVJ=g_lv_J is not None, HAS_GZJ=g_z_J is not None,
             HAS_GZ=g_z is not None, HAS_GKL0=g_kl0 is not None, HAS_GKLM=g_klm is not None,
             CT=_ct(mu.dtype), BLOCK_B=block_b, BLOCK_D=block_d, FAST=_fast(mu.dtype), **d_strides,
-            num_warps=num_warps,
+            **_options(num_warps),
         )
     return dmu, dlv
 
@@ -542,7 +566,8 @@ _GRAD_FLAGS = dict(mu_J="HAS_GMUJ", lv_J="HAS_GLVJ", z_J="HAS_GZJ", z="HAS_GZ", 
 def specializations(M: int, B: int, D: int, dtype: str = "float32", *, mask: bool = True, draw: bool = True,
                     grads: Sequence[str] = TRAIN_GRADS) -> list:
     """The Triton specializations one forward + backward launches at (M, B, D): a list of dicts with ``name``,
-    ``kernel``, ``signature``, ``attrs`` (the JIT's divisibility hints), ``constexprs``, ``num_warps``, ``grid``
+    ``kernel``, ``signature``, ``attrs`` (the JIT's divisibility hints), ``constexprs``, ``num_warps``,
+    ``options`` (the compile options of the launch: num_warps and the register cap), ``grid``
     (programs), ``elements`` (B*D),
     ``trips`` (iterations of the D loop) and ``bytes`` (DRAM bytes per element by the ledger). Used by
     :func:`compile_configs` and by the kernel report (:mod:`crmvae_fast.kernel_report`)."""
@@ -594,7 +619,8 @@ def specializations(M: int, B: int, D: int, dtype: str = "float32", *, mask: boo
         gtag = "" if not backward else ",g=" + "+".join(g for g in ALL_GRADS if g in grads)
         sig = signature(kernel, const)
         out.append(dict(name=f"{name}[{tag}{gtag}]", kernel=kernel, signature=sig, attrs=attrs(kernel, sig),
-                        constexprs=const, num_warps=_tiles(B, D, backward)[2], grid=triton.cdiv(B, block_b),
+                        constexprs=const, num_warps=_tiles(B, D, backward)[2],
+                        options=_options(_tiles(B, D, backward)[2]), grid=triton.cdiv(B, block_b),
                         elements=B * D,
                         block=(block_b, block_d), trips=triton.cdiv(D, block_d),
                         bytes=bytes_per_element(M, esize, backward=backward, draw=draw, grads=grads)))
@@ -603,13 +629,13 @@ def specializations(M: int, B: int, D: int, dtype: str = "float32", *, mask: boo
 
 def compile_configs() -> list:
     """The specializations to build for a GPU without one (``tests/test_kernels_compile.py``):
-    ``(name, kernel, signature, constexprs, num_warps)`` for the model's float32 training step with a mask and
+    ``(name, kernel, signature, constexprs, options)`` (options: the launch's compile options) for the model's float32 training step with a mask and
     drawn noise at M = 5, D = 512 (backward with the loss's gradients), the default latent_dim = 10 at B = 256,
     and a bfloat16 one with given noise, no mask and all six gradients at M = 16, D = 33."""
     specs = (specializations(5, 4096, 512, "float32")
              + specializations(3, 256, 10, "float32")
              + specializations(16, 64, 33, "bfloat16", mask=False, draw=False, grads=ALL_GRADS))
-    return [(s["name"], s["kernel"], s["signature"], s["constexprs"], s["num_warps"]) for s in specs]
+    return [(s["name"], s["kernel"], s["signature"], s["constexprs"], s["options"]) for s in specs]
 
 
 # ---------------------------------------------------------------------------------------------------------------
