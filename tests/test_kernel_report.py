@@ -51,8 +51,10 @@ def test_cli_kernels_tiny_shape(capsys):
 
 
 def test_cli_kernels_rejects_bad_shape(capsys):
-    assert cli.main(["kernels", "--M", "0"]) == 2
-    assert "--M, --B and --D must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses the value: usage and one error line, exit 2
+        cli.main(["kernels", "--M", "0"])
+    assert exit_.value.code == 2
+    assert "argument --M: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 # Each figure belongs to a triton version: the cubin of the same kernel differs between tritons (before the

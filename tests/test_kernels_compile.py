@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
     from crmvae_fast.kernel_report import compile_kernel  # the installed triton's compile API
 
     # Every Triton op of the registry declares the specializations to build in compile_configs():
-    # (name, kernel, signature, constexprs, num_warps or a dict of compile options). Every module holding Triton
+    # (name, kernel, signature, constexprs, the launch's compile options: num_warps, ...). Every module holding Triton
     # kernels must be such an op.
     triton_ops = [spec for spec in registry.OPS.values() if spec.backend == "triton"]
     kernels, configs, unregistered = [], [], []
@@ -46,9 +46,8 @@ SCRIPT = textwrap.dedent(
         configs += [(spec.name, c) for c in spec.load().compile_configs()]
     results = []
     for cap in (80, 90):
-        for modname, (name, kernel, signature, constexprs, num_warps) in configs:
+        for modname, (name, kernel, signature, constexprs, options) in configs:
             try:
-                options = num_warps if isinstance(num_warps, dict) else {"num_warps": num_warps}
                 compiled = compile_kernel(kernel, signature, constexprs, None, cap, options)
                 results.append(dict(kernel=f"{modname}.{kernel.__name__}", config=name, cap=cap,
                                     cubin=len(compiled.asm.get("cubin", b"")), error=None))

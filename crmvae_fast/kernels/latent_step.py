@@ -629,8 +629,8 @@ def specializations(M: int, B: int, D: int, dtype: str = "float32", *, mask: boo
 
 def compile_configs() -> list:
     """The specializations to build for a GPU without one (``tests/test_kernels_compile.py``):
-    ``(name, kernel, signature, constexprs, options)`` (options: the launch's compile options) for the model's float32 training step with a mask and
-    drawn noise at M = 5, D = 512 (backward with the loss's gradients), the default latent_dim = 10 at B = 256,
+    ``(name, kernel, signature, constexprs, options)`` (options: the launch's compile options) for the model's
+    float32 training step with a mask and drawn noise at M = 5, D = 512 (backward with the loss's gradients), the default latent_dim = 10 at B = 256,
     and a bfloat16 one with given noise, no mask and all six gradients at M = 16, D = 33."""
     specs = (specializations(5, 4096, 512, "float32")
              + specializations(3, 256, 10, "float32")

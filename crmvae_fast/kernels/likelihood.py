@@ -239,7 +239,7 @@ def likelihood_backward(g: Tensor, recon: Tensor, target: Tensor, mask: Optional
 
 def compile_configs() -> list:
     """The specializations to build for a GPU without one (``tests/test_kernels_compile.py``):
-    ``(name, kernel, signature, constexprs, num_warps)`` for every distribution in float32 with a mask at 64
+    ``(name, kernel, signature, constexprs, options)`` (options: the launch's compile options) for every distribution in float32 with a mask at 64
     features (the default model), bernoulli at 784 features, and categorical over 10 classes in bfloat16."""
 
     def signature(kernel, io):
@@ -270,7 +270,8 @@ def compile_configs() -> list:
                              ("_likelihood_bwd_kernel", _likelihood_bwd_kernel)):
             constexprs = dict(KIND=KINDS[dist], HAS_MASK=True, CT=tl.float32, EPS=CATEGORICAL_EPS,
                               BLOCK_G=block_g, BLOCK_C=block_c)
-            out.append((f"{name}[{dist},{io[1:]},F={F}]", kernel, signature(kernel, io), constexprs, num_warps))
+            out.append((f"{name}[{dist},{io[1:]},F={F}]", kernel, signature(kernel, io), constexprs,
+                        {"num_warps": num_warps}))
     return out
 
 

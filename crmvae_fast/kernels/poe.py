@@ -292,7 +292,7 @@ def poe_backward(mu: Tensor, lv: Tensor, mask: Optional[Tensor], subsets: Option
 
 def compile_configs() -> list:
     """The specializations to build for a GPU without one (``tests/test_kernels_compile.py``):
-    ``(name, kernel, signature, constexprs, num_warps)`` for MoPoE's case (float32, mask, subsets, f = 1e-8,
+    ``(name, kernel, signature, constexprs, options)`` (options: the launch's compile options) for MoPoE's case (float32, mask, subsets, f = 1e-8,
     M = 5, D = 512) and MVAE's (bfloat16, no mask, no subsets, the prior expert, f = 0, M = 3, D = 33)."""
     const = ("HAS_MASK", "HAS_SUBSETS", "HAS_FLOOR", "PRIOR", "CT", "BLOCK_M", "BLOCK_D")
 
@@ -319,7 +319,8 @@ def compile_configs() -> list:
         block_m, block_d, num_warps = _blocks(M, D)
         for name, kernel in (("_poe_fwd_kernel", _poe_fwd_kernel), ("_poe_bwd_kernel", _poe_bwd_kernel)):
             constexprs = dict(flags, CT=tl.float32, BLOCK_M=block_m, BLOCK_D=block_d)
-            out.append((f"{name}[{io[1:]},M={M},D={D}]", kernel, signature(kernel, io), constexprs, num_warps))
+            out.append((f"{name}[{io[1:]},M={M},D={D}]", kernel, signature(kernel, io), constexprs,
+                        {"num_warps": num_warps}))
     return out
 
 
