@@ -493,8 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny sizes, few repetitions: checks the plumbing, the numbers mean nothing")
     pb.add_argument("--readme", nargs="?", const="all", default=None, metavar="ROW",
                     help="measure and print the README's results table (or one ROW of nll-3x32, nll-784+10, "
-                         "train-step, launches), headed by this machine and its versions; 13 minutes on a loaded "
-                         "2-core CPU (2.2 minutes of CPU time, one thread)")
+                         "train-step, launches), headed by this machine and its versions; 76 s on an idle 2-core CPU, "
+                         "over 10 minutes on a loaded one")
     pb.add_argument("--json", metavar="PATH", type=output_file, default=None,
                     help="append the rows to this JSON-lines file (default $CRMVAE_BENCH_JSON, else "
                          "./crmvae_fast_bench/results.jsonl in the working directory)")
