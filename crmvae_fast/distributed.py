@@ -232,6 +232,9 @@ def fully_shard_model(model: nn.Module, **fsdp_kwargs) -> nn.Module:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fully_shard_model needs an initialized process group: launch with torchrun and call "
                            "crmvae_fast.distributed.init_from_env() (or torch.distributed.init_process_group) first")
+    from .nn import register_output_pytree
+
+    register_output_pytree()  # FSDP2 of torch 2.8 hooks the backward on the output's tensors, found by pytree
     sharded = fully_shard(model, **fsdp_kwargs)
     # sum, not mean: the loss is a sum over the batch. A plain SUM reduce-scatter (no PREMUL_SUM, which gloo lacks).
     if hasattr(sharded, "set_force_sum_reduction_for_comms"):

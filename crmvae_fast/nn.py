@@ -72,6 +72,28 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def register_output_pytree() -> None:
+    """Let torch's pytree see into the outputs (the tensors of :func:`output_type`'s instances become its leaves,
+    the keys its context); a second call does nothing. FSDP2 of torch 2.8 finds the tensors of a module's output
+    with ``tree_flatten`` to hook its backward (the gathering of the parameters and the reduce-scatter of the
+    gradients); it treats an unregistered dict subclass as one opaque leaf, so without this the gradients of a
+    sharded CRMVAE were never reduced. :func:`crmvae_fast.distributed.fully_shard_model` calls it."""
+    from torch.utils import _pytree as pytree
+
+    cls = output_type()
+    if cls in pytree.SUPPORTED_NODES:
+        return
+
+    def flatten(out):
+        keys = list(out.keys())
+        return [out[k] for k in keys], keys
+
+    def unflatten(values, keys):
+        return cls(zip(keys, values))
+
+    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
 def make_output(*args, **kwargs):
     """An output of :func:`output_type` holding ``dict(*args, **kwargs)``: ``out.name``, ``out["name"]``,
     ``out[0]`` and ``out.to_tuple()`` all work."""

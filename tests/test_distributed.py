@@ -244,6 +244,24 @@ def test_fsdp2_evaluation_gathers_the_parameters(two_ranks):
         assert res["fsdp_nll"] == pytest.approx(total, rel=1e-5)
 
 
+def test_outputs_are_pytrees_for_fsdp2():
+    """FSDP2 of torch 2.8 hooks its backward (gathering, then the gradients' reduce-scatter) on the tensors that
+    ``tree_flatten`` finds in the output; an unregistered dict subclass was one opaque leaf there, and the
+    sharded model's gradients were silently never reduced. fully_shard_model registers the output class."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from crmvae_fast import nn as cf_nn
+
+    cf_nn.register_output_pytree()
+    cf_nn.register_output_pytree()  # a second call does nothing
+    out = make_model(True)(_batch())
+    leaves, spec = tree_flatten(out)
+    assert any(t is out.loss for t in leaves)
+    assert sum(torch.is_tensor(t) and t.requires_grad for t in leaves) >= 1 + len(out.metrics)
+    back = tree_unflatten(leaves, spec)
+    assert type(back) is type(out) and back.loss is out.loss and set(back.keys()) == set(out.keys())
+
+
 def test_fsdp2_without_a_process_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="initialized process group"):
         cf_dist.fully_shard_model(make_model(False))
