@@ -26,21 +26,10 @@ import crmvae_fast as cf
 from crmvae_fast import persistence
 from crmvae_fast.nn import ModelOutput
 from crmvae_fast.persistence import CorruptFolderError, load_data_file
+from test_reliability import Encoder  # a custom encoder: the save pickles it to encoders.pkl
 
 DIMS = {"a": (4,), "b": (3,)}
 UNPICKLES = "ignore:loading .* unpickles its custom architectures"
-
-
-class Encoder(nn.Module):
-    """A custom encoder, so the save pickles the encoders to encoders.pkl."""
-
-    def __init__(self, n_in, latent=2):
-        super().__init__()
-        self.lin = nn.Linear(n_in, 2 * latent)
-
-    def forward(self, x):
-        mu, lv = self.lin(x).chunk(2, dim=-1)
-        return ModelOutput(embedding=mu, log_covariance=lv)
 
 
 class Decoder(nn.Module):
