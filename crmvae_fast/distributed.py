@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .nn import first_parameter, register_output_pytree
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -194,7 +196,7 @@ def wrap_ddp(model: nn.Module, device: Optional[torch.device] = None, **ddp_kwar
         raise RuntimeError("wrap_ddp needs an initialized process group: launch with torchrun and call "
                            "crmvae_fast.distributed.init_from_env() (or torch.distributed.init_process_group) first")
     if device is None:
-        p = next(model.parameters(), None)
+        p = first_parameter(model)
         device = p.device if p is not None else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cuda":
@@ -232,8 +234,6 @@ def fully_shard_model(model: nn.Module, **fsdp_kwargs) -> nn.Module:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("fully_shard_model needs an initialized process group: launch with torchrun and call "
                            "crmvae_fast.distributed.init_from_env() (or torch.distributed.init_process_group) first")
-    from .nn import register_output_pytree
-
     register_output_pytree()  # FSDP2 of torch 2.8 hooks the backward on the output's tensors, found by pytree
     sharded = fully_shard(model, **fsdp_kwargs)
     # sum, not mean: the loss is a sum over the batch. A plain SUM reduce-scatter (no PREMUL_SUM, which gloo lacks).

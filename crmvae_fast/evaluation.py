@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import distributed as cf_dist
 from .inputs import as_count
-from .nn import ModelOutput
+from .nn import ModelOutput, first_parameter
 
 
 def _get(obj, key):
@@ -110,7 +110,7 @@ class _Batches:
 def _model_device(model: nn.Module) -> torch.device:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a model (an nn.Module such as crmvae_fast.CRMVAE), got {type(model).__name__}")
-    p = next(model.parameters(), None)
+    p = first_parameter(model)
     if p is None:
         return torch.device("cpu")
     return p.device

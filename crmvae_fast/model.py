@@ -21,7 +21,7 @@ from .common import LatentStep, compute_dtype
 from .config import CRMVAEConfig
 from .inputs import as_count, check_latent, read_inputs, stack_masks
 from .likelihoods import make_log_prob, summed_log_prob
-from .nn import default_decoders, default_encoders, input_dtype, make_output, output_field, output_type
+from .nn import default_decoders, default_encoders, first_parameter, input_dtype, make_output, output_field, output_type
 
 #: Most latent rows (data points x samples) that ``compute_joint_nll`` decodes at once on a GPU, and on a CPU
 #: (smaller, so a block's activations stay in cache).
@@ -131,7 +131,7 @@ class CRMVAE(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the parameters are (the value last assigned, or the CPU, for a model without parameters)."""
-        p = next(self.parameters(), None)
+        p = first_parameter(self)
         if p is not None:
             return p.device
         return self.__dict__.get("_assigned_device") or torch.device("cpu")
@@ -152,7 +152,7 @@ class CRMVAE(nn.Module):
         """:func:`read_inputs` with each modality cast to its encoder's input dtype, on the parameters' device."""
         dtypes = {m: input_dtype(self.encoders[m]) for m in self.modalities_name}
         data, masks = read_inputs(inputs, self.modalities_name, self.input_dims, dtypes=dtypes, **kwargs)
-        p = next(self.parameters(), None)
+        p = first_parameter(self)
         x = next(iter(data.values()))
         if p is not None and x.device != p.device:
             raise ValueError(f"the inputs are on {x.device} but the model's parameters on {p.device}; move one to "
@@ -352,7 +352,7 @@ class CRMVAE(nn.Module):
             raise TypeError(f"decode takes the output of encode or generate_from_prior (with a 'z' field), got "
                             f"{type(embedding).__name__}") from None
         z = check_latent(z, self.latent_dim, "embedding.z")
-        p = next(self.decoders.parameters(), None)
+        p = first_parameter(self.decoders)
         if p is not None and z.device != p.device:
             raise ValueError(f"embedding.z is on {z.device} but the decoders' parameters on {p.device}; move it there")
         self.eval()

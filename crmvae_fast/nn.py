@@ -110,12 +110,23 @@ def output_field(out, name: str):
     raise TypeError(f"expected the module's output to have a {name!r} field (key or attribute), got {type(out).__name__}")
 
 
+def first_parameter(module: nn.Module):
+    """``module``'s first parameter, or None. A loop, not ``next(module.parameters(), None)``: dynamo of torch 2.8
+    cannot trace ``next`` with a default, and the model calls this in ``forward``."""
+    for p in module.parameters():
+        return p
+    return None
+
+
 def input_dtype(module: nn.Module):
     """The float dtype ``module`` takes its input in: that of its first floating parameter, or None (take the
     input as given) when it has none or holds an ``nn.Embedding``/``nn.EmbeddingBag`` (which takes token ids)."""
     if any(isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) for mod in module.modules()):
         return None
-    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    for p in module.parameters():  # a loop, as in first_parameter
+        if p.is_floating_point():
+            return p.dtype
+    return None
 
 
 class EncoderMLP(nn.Module):
