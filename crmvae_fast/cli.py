@@ -487,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     pb = sub.add_parser("bench", help="run the benchmark suite on this machine's device")
     size = pb.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="small sizes only (39 s on an idle 2-core CPU with MultiVae installed, several times "
-                           "that on a loaded one; --budget-s caps it)")
+                      help="small sizes only (measured: 39 s on an idle 2-core CPU with MultiVae installed, several "
+                           "times that on a loaded one; --budget-s caps it)")
     size.add_argument("--smoke", action="store_true",
                       help="tiny sizes, few repetitions: checks the plumbing, the numbers mean nothing")
     pb.add_argument("--readme", nargs="?", const="all", default=None, metavar="ROW",
